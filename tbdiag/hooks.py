@@ -1,0 +1,600 @@
+"""The watcher: hooks that observe a model and its optimizer.
+
+Cost model
+----------
+On a non-logging step only two hooks run (a forward pre-hook on the root
+module, and the optimizer's step hook or one tensor hook per backward); they
+count and return.  On a logging step the watcher installs forward hooks on
+every layer for the duration of one forward pass, plus a
+`TorchFunctionMode` that sees activations applied functionally (``F.relu``,
+``torch.sigmoid``, ``x.tanh()``) or in place (``nn.ReLU(inplace=True)``).
+Every reduction is launched on the model's device as the data goes by; the
+results are copied to the host in one transfer when the step completes, and
+encoding and writing happen on a background thread.
+
+Observing only
+--------------
+Hooks never modify tensors they see, never draw random numbers (graph tracing
+runs under a forked RNG, in eval mode, without gradients), and keep no
+reference to activations or autograd graphs past the step.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+from torch.overrides import TorchFunctionMode
+
+from . import schema, stats
+from .modelinfo import macs_of, type_name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .writer import DiagnosticWriter
+
+# Modules that are never rows of the layer table: they compute nothing worth
+# diagnosing and would only lengthen the table.
+_SKIP_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten,
+               nn.Unflatten)
+# Layers whose output is laid out channels-first ([N, C, ...]): units are channels.
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.pooling._MaxPoolNd,
+                   nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                   nn.modules.pooling._AdaptiveMaxPoolNd, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh)
+
+
+def _activation_kinds() -> dict[Any, str]:
+    kinds: dict[Any, str] = {}
+    for f in (F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_):
+        kinds[f] = "relu"
+    for f in (torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid):
+        kinds[f] = "sigmoid"
+    for f in (torch.tanh, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh):
+        kinds[f] = "tanh"
+    return kinds
+
+
+ACTIVATION_KINDS = _activation_kinds()
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a module output stands for: itself, the first of a tuple/list/dict, a PackedSequence's data."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, PackedSequence):
+        return value.data
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            t = first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except RuntimeError:  # tensors without storage (e.g. some subclasses)
+        return (str(t.device), id(t))
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    params: list[tuple[str, nn.Parameter]]
+    channels_first: bool
+    is_conv: bool
+    is_activation: bool
+    info: schema.LayerInfo
+    order: int = -1  # first-forward position, fixed at the first logging step
+
+
+class _ActivationSpy(TorchFunctionMode):
+    """Sees every activation function call during a logging-step forward."""
+
+    def __init__(self, watcher: "Watcher"):
+        super().__init__()
+        self.watcher = watcher
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind = ACTIVATION_KINDS.get(func)
+        if kind is not None and not self.watcher._busy:
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                self.watcher._on_activation(kind, x, out)
+        return out
+
+
+@dataclass
+class _Pending:
+    """Device tensors of one logging step, waiting for the single host transfer."""
+
+    step: int
+    parts: list[torch.Tensor] = field(default_factory=list)
+    layout: list[tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, kind: str, key: Any, tensor: torch.Tensor) -> None:
+        self.parts.append(tensor)
+        self.layout.append((kind, key))
+
+
+class Watcher:
+    """What `DiagnosticWriter.watch` returns; `remove()` detaches every hook."""
+
+    def __init__(
+        self,
+        writer: "DiagnosticWriter",
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        log_every: int = 100,
+        *,
+        log_graph: bool = True,
+        example_input: Any = None,
+        histograms: bool = True,
+        activation_histograms: bool = True,
+        images_every: int | None = None,
+        max_image_layers: int = 8,
+        max_image_channels: int = 16,
+        loss_tags: Sequence[str] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}; "
+                "pass it as watch(model, optimizer=opt)"
+            )
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be a positive integer (steps between logs), got {log_every!r}")
+        if images_every is not None and (not isinstance(images_every, int) or images_every < 0):
+            raise ValueError(f"images_every must be None, 0 (no images) or a positive integer, got {images_every!r}")
+        self.writer = writer
+        self.model = model
+        self.optimizer = optimizer
+        self.log_every = log_every
+        self.log_graph = log_graph
+        self.histograms = histograms
+        self.activation_histograms = activation_histograms
+        self.images_every = 10 * log_every if images_every is None else images_every
+        self.max_image_layers = max_image_layers
+        self.max_image_channels = max_image_channels
+        self.loss_tags = list(loss_tags) if loss_tags is not None else None
+
+        self.step = 0
+        self._handles: list[Any] = []
+        self._temp_handles: list[Any] = []
+        self._collected_step = -1
+        self._pending: _Pending | None = None
+        self._spy: _ActivationSpy | None = None
+        self._busy = False
+        self._order_counter = 0
+        self._producers: dict[tuple[str, int], int] = {}
+        self._act_stack: list[int] = []
+        self._act_seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._recorded: set[int] = set()
+        self._prev_weight_norms: np.ndarray | None = None
+        self._prev_weights: list[torch.Tensor] | None = None
+        self._graph_done = not log_graph
+        self._table_written = False
+        self._backward_queued = False
+        self._removed = False
+        self._lock = threading.Lock()
+
+        self.layers = self._discover(model)
+        self._param_index: list[tuple[int, nn.Parameter, str]] = [
+            (i, p, f"{layer.name}.{pname}" if layer.name else pname)
+            for i, layer in enumerate(self.layers)
+            for pname, p in layer.params
+        ]
+        if optimizer is not None:
+            in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for layer in self.layers:
+                trainable = [p for _, p in layer.params if p.requires_grad]
+                if trainable:
+                    layer.info.in_optimizer = all(id(p) in in_opt for p in trainable)
+            if not any(id(p) in in_opt for _, p, _ in self._param_index):
+                warnings.warn(
+                    "the optimizer passed to watch() holds none of the model's parameters; steps are still "
+                    "counted from it, but check that you passed the right optimizer",
+                    stacklevel=3,
+                )
+
+        self._handles.append(model.register_forward_pre_hook(self._root_pre, prepend=True))
+        self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._opt_pre))
+            self._handles.append(optimizer.register_step_post_hook(self._opt_post))
+        if example_input is not None and log_graph:
+            self._log_graph(example_input if isinstance(example_input, tuple) else (example_input,), {})
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _discover(model: nn.Module) -> list[_Layer]:
+        layers = []
+        for name, module in model.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            leaf = next(iter(module.children()), None) is None
+            if not own and (not leaf or isinstance(module, _SKIP_TYPES) or module is model):
+                continue
+            if not own and module is model:
+                continue
+            n_params = sum(p.numel() for _, p in own)
+            n_train = sum(p.numel() for _, p in own if p.requires_grad)
+            layers.append(
+                _Layer(
+                    name=name,
+                    module=module,
+                    params=own,
+                    channels_first=isinstance(module, _CHANNELS_FIRST),
+                    is_conv=isinstance(module, nn.modules.conv._ConvNd),
+                    is_activation=isinstance(module, _ACTIVATION_MODULES),
+                    info=schema.LayerInfo(name=name, type=type_name(module), params=n_params,
+                                          trainable_params=n_train),
+                )
+            )
+        return layers
+
+    def remove(self) -> None:
+        """Detach every hook; safe to call twice.  Pending data of a half-done step is dropped."""
+        self._end_forward()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending = None
+        self._removed = True
+
+    # ------------------------------------------------------------ step logic
+
+    def _is_training_forward(self) -> bool:
+        return self.model.training and torch.is_grad_enabled() and not self._busy
+
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict | None = None):
+        if not self._is_training_forward():
+            return None
+        if not self._graph_done:
+            self._graph_done = True
+            self._log_graph(args, {})
+        step = self.step
+        if step % self.log_every != 0 or step == self._collected_step:
+            return None
+        self._collected_step = step
+        self._pending = _Pending(step=step)
+        self._begin_forward()
+        return None
+
+    def _root_post(self, module: nn.Module, args: tuple, output: Any):
+        collecting = self._spy is not None
+        self._end_forward()
+        if not self._is_training_forward():
+            return None
+        if self.optimizer is None:
+            out = first_tensor(output)
+            if out is not None and out.requires_grad:
+                out.register_hook(self._on_output_grad)
+        return None
+
+    # without an optimizer: a step is one backward pass through the model
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        if not self._backward_queued:
+            self._backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+        return None
+
+    def _after_backward(self) -> None:
+        self._backward_queued = False
+        if self._pending is not None and self._pending.step == self.step:
+            self._collect_params(update=False)
+            self._finish()
+        self.step += 1
+
+    # with an optimizer: a step is one optimizer.step()
+    def _opt_pre(self, optimizer, args, kwargs) -> None:
+        if self._pending is not None and self._pending.step == self.step:
+            with torch.no_grad():
+                self._prev_weights = [p.detach().clone() for _, p, _ in self._param_index if p.grad is not None]
+        return None
+
+    def _opt_post(self, optimizer, args, kwargs) -> None:
+        if self._pending is not None and self._pending.step == self.step:
+            self._collect_params(update=True)
+            self._finish()
+        self.step += 1
+        return None
+
+    # ---------------------------------------------------- forward collection
+
+    def _begin_forward(self) -> None:
+        self._order_counter = 0
+        self._producers.clear()
+        self._act_stack.clear()
+        self._act_seen.clear()
+        self._recorded.clear()
+        for i, layer in enumerate(self.layers):
+            self._temp_handles.append(layer.module.register_forward_hook(self._make_layer_hook(i)))
+            if layer.is_activation:
+                self._temp_handles.append(layer.module.register_forward_pre_hook(self._make_act_pre(i)))
+        self._spy = _ActivationSpy(self)
+        self._spy.__enter__()
+
+    def _end_forward(self) -> None:
+        if self._spy is not None:
+            spy, self._spy = self._spy, None
+            spy.__exit__(None, None, None)
+            self._flush_activations()
+        for h in self._temp_handles:
+            h.remove()
+        self._temp_handles.clear()
+        self._producers.clear()
+        self._act_stack.clear()
+
+    def _make_act_pre(self, i: int) -> Callable:
+        def pre(module, args):
+            self._act_stack.append(i)
+
+        return pre
+
+    def _make_layer_hook(self, i: int) -> Callable:
+        def hook(module, args, output):
+            layer = self.layers[i]
+            if layer.is_activation and self._act_stack and self._act_stack[-1] == i:
+                self._act_stack.pop()
+            out = first_tensor(output)
+            if out is None or self._pending is None:
+                return None
+            self._busy = True
+            try:
+                self._record_output(i, layer, args, out)
+            finally:
+                self._busy = False
+            return None
+
+        return hook
+
+    def _record_output(self, i: int, layer: _Layer, args: tuple, out: torch.Tensor) -> None:
+        pending = self._pending
+        assert pending is not None
+        first_time = layer.order < 0 and not self._table_written
+        if first_time:
+            layer.order = self._order_counter
+            layer.info.output_shape = list(out.shape)
+            layer.info.macs = macs_of(layer.module, args, out)
+        self._order_counter += 1
+        self._producers[_storage_key(out)] = i
+        if not out.is_floating_point():
+            return
+        if i in self._recorded:
+            return  # a module called twice in one forward: keep the first call
+        self._recorded.add(i)
+        pending.add("act", i, stats.activation_stats(out))
+        if self.activation_histograms and self.histograms and layer.params:
+            pending.add("act_hist_src", i, stats.histogram_sample(out))
+        if layer.is_conv and out.dim() >= 3 and self._images_due(pending.step):
+            n_img = sum(1 for k, _ in pending.layout if k == "image")
+            if n_img < self.max_image_layers:
+                pending.add("image", i, stats.feature_grid(out, self.max_image_channels))
+
+    def _images_due(self, step: int) -> bool:
+        return self.images_every > 0 and step % self.images_every == 0
+
+    def _on_activation(self, kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """An activation function ran on ``x``: attribute it to the layer that produced ``x``."""
+        target = self._producers.get(_storage_key(x))
+        if target is None and self._act_stack:
+            target = self._act_stack[-1]
+        if target is None or self._pending is None:
+            return
+        self._busy = True
+        try:
+            layer = self.layers[target]
+            if kind == "relu":
+                value = stats.dead_fraction(out, stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4))
+            else:
+                value = stats.saturated_fraction(out, kind)
+            prev = self._act_seen.get(target)
+            if prev is None or prev[0] != kind:
+                self._act_seen[target] = (kind, value)
+            else:  # several calls (shared module, recurrent loop): the worst one counts
+                self._act_seen[target] = (kind, torch.maximum(prev[1], value))
+        finally:
+            self._busy = False
+
+    def _flush_activations(self) -> None:
+        if self._pending is None:
+            return
+        for i, (kind, value) in self._act_seen.items():
+            self._pending.add("dead" if kind == "relu" else "sat", i, value.reshape(1))
+            if not self._table_written and not self.layers[i].info.activation:
+                self.layers[i].info.activation = kind
+        self._act_seen.clear()
+
+    # --------------------------------------------------- parameter collection
+
+    def _collect_params(self, update: bool) -> None:
+        pending = self._pending
+        assert pending is not None
+        self._busy = True
+        try:
+            with torch.no_grad():
+                params = [p for _, p, _ in self._param_index]
+                with_grad = [k for k, p in enumerate(params) if p.grad is not None]
+                grads = [params[k].grad for k in with_grad]
+                if params:
+                    pending.add("w_norm", None, stats.norms(params))
+                if grads:
+                    pending.add("g_norm", with_grad, stats.norms(grads))
+                if update and self._prev_weights is not None and len(self._prev_weights) == len(with_grad):
+                    deltas = torch._foreach_sub([params[k].detach() for k in with_grad], self._prev_weights)
+                    pending.add("u_norm", with_grad, stats.norms(deltas))
+                    pending.add("w0_norm", with_grad, stats.norms(self._prev_weights))
+                self._prev_weights = None
+                if self.histograms:
+                    for kind, tensors, keys in (("p_hist", params, list(range(len(params)))),
+                                                ("g_hist", grads, with_grad)):
+                        if tensors:
+                            pending.add(kind, keys, stats.histograms(tensors))
+                act_src = [(k, t) for k, t in zip(pending.layout, pending.parts) if k[0] == "act_hist_src"]
+                if act_src:
+                    pending.add("a_hist", [k[1] for k, _ in act_src], stats.histograms([t for _, t in act_src]))
+        finally:
+            self._busy = False
+
+    def _finish(self) -> None:
+        """The one host transfer, then hand the numbers to the writer thread."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        keep = [(k, t) for k, t in zip(pending.layout, pending.parts) if k[0] != "act_hist_src"]
+        host = stats.to_host([t for _, t in keep])
+        items = [(k, v) for (k, _), v in zip(keep, host)]
+        if not self._table_written:
+            items = self._fix_order(items)
+        data = {"step": pending.step, "items": items}
+        # Exact NaN/Inf counts only where a norm says there are some: never on a healthy step.
+        data["nonfinite"] = self._count_nonfinite(data["items"])
+        data["lrs"] = [float(g.get("lr", float("nan"))) for g in self.optimizer.param_groups] if self.optimizer else []
+        health, extras = self._assemble(data)
+        if not self._table_written:
+            self._write_table()
+        self.writer._submit(pending.step, health, extras)
+
+    def _count_nonfinite(self, items) -> dict[tuple[str, int], float]:
+        counts: dict[tuple[str, int], float] = {}
+        params = [p for _, p, _ in self._param_index]
+        for (kind, keys), values in items:
+            if kind not in ("w_norm", "g_norm"):
+                continue
+            keys = list(range(len(params))) if keys is None else keys
+            bad = [k for k, v in zip(keys, values) if not math.isfinite(float(v))]
+            if not bad:
+                continue
+            tensors = [params[k] if kind == "w_norm" else params[k].grad for k in bad]
+            with torch.no_grad():
+                host = stats.nonfinite_counts(tensors).cpu().numpy()
+            for k, c in zip(bad, host):
+                counts[(kind, k)] = float(c)
+        return counts
+
+    def _assemble(self, data: dict) -> tuple[np.ndarray, dict]:
+        """Host-side: per-parameter numbers -> the [layers, columns] health array and the extras to write."""
+        n = len(self.layers)
+        col = schema.COLUMN_INDEX
+        health = np.full((n, len(schema.COLUMNS)), np.nan, dtype=np.float32)
+        n_params = len(self._param_index)
+        w_norm = np.full(n_params, np.nan)
+        g_norm = np.full(n_params, np.nan)
+        u_norm = np.full(n_params, np.nan)
+        w0_norm = np.full(n_params, np.nan)
+        extras: dict[str, Any] = {"histograms": [], "images": [], "scalars": []}
+        for (kind, key), value in data["items"]:
+            if kind == "act":
+                health[key, col["act_mean"]], health[key, col["act_std"]], health[key, col["act_nonfinite"]] = value
+            elif kind == "dead":
+                health[key, col["dead_frac"]] = value[0]
+            elif kind == "sat":
+                health[key, col["saturated_frac"]] = value[0]
+            elif kind == "w_norm":
+                w_norm[:] = value
+            elif kind == "g_norm":
+                g_norm[key] = value
+            elif kind == "u_norm":
+                u_norm[key] = value
+            elif kind == "w0_norm":
+                w0_norm[key] = value
+            elif kind in ("p_hist", "g_hist"):
+                prefix = "params/" if kind == "p_hist" else "grads/"
+                for k, row in zip(key, value):
+                    p = self._param_index[k][1]
+                    extras["histograms"].append((prefix + self._param_index[k][2], row, p.numel()))
+            elif kind == "a_hist":
+                for i, row in zip(key, value):
+                    extras["histograms"].append((f"activations/{self.layers[i].name}", row, None))
+            elif kind == "image":
+                extras["images"].append((f"images/{self.layers[key].name}", value))
+        nonfinite = data["nonfinite"]
+        changed = np.full(n_params, np.nan)
+        if self._prev_weight_norms is not None:
+            changed = (w_norm != self._prev_weight_norms).astype(np.float64)
+        self._prev_weight_norms = w_norm.copy()
+        for i, layer in enumerate(self.layers):
+            ks = [k for k, (li, _, _) in enumerate(self._param_index) if li == i]
+            if not ks:
+                continue
+            health[i, col["weight_norm"]] = math.sqrt(float(np.sum(w_norm[ks] ** 2)))
+            health[i, col["weight_nonfinite"]] = sum(nonfinite.get(("w_norm", k), 0.0) for k in ks)
+            has_g = [k for k in ks if np.isfinite(g_norm[k]) or ("g_norm", k) in nonfinite]
+            health[i, col["grad_params"]] = len(has_g)
+            if has_g:
+                gn = math.sqrt(float(np.sum(g_norm[has_g] ** 2)))
+                numel = float(sum(self._param_index[k][1].numel() for k in has_g))
+                health[i, col["grad_norm"]] = gn
+                health[i, col["grad_rms"]] = gn / math.sqrt(max(numel, 1.0))
+                health[i, col["grad_nonfinite"]] = sum(nonfinite.get(("g_norm", k), 0.0) for k in has_g)
+                ch = changed[has_g]
+                if np.isfinite(ch).all():
+                    health[i, col["changed"]] = float(np.mean(ch))
+            upd = [k for k in ks if np.isfinite(u_norm[k])]
+            if upd:
+                denom = math.sqrt(float(np.sum(w0_norm[upd] ** 2)))
+                num = math.sqrt(float(np.sum(u_norm[upd] ** 2)))
+                health[i, col["update_ratio"]] = num / denom if denom > 0 else np.nan
+        with_grad = ~np.isnan(g_norm) | np.array([("g_norm", k) in nonfinite for k in range(n_params)], dtype=bool)
+        if with_grad.any():
+            # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ would report it
+            extras["scalars"].append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[with_grad] ** 2)))))
+        for gi, lr in enumerate(data["lrs"]):
+            extras["scalars"].append((f"train/lr/group{gi}", lr))
+        return health, extras
+
+    # ----------------------------------------------------------- one-off logs
+
+    def _fix_order(self, items: list) -> list:
+        """Put the rows in first-forward order (unseen layers last), once, and remap this step's items."""
+        executed = sorted((l for l in self.layers if l.order >= 0), key=lambda l: l.order)
+        new_order = executed + [l for l in self.layers if l.order < 0]
+        position = {id(l): j for j, l in enumerate(new_order)}
+        old_to_new = [position[id(l)] for l in self.layers]
+        self.layers = new_order
+        self._param_index = [(old_to_new[li], p, name) for li, p, name in self._param_index]
+        layer_keyed = {"act", "dead", "sat", "image"}
+        out = []
+        for (kind, key), value in items:
+            if kind in layer_keyed:
+                key = old_to_new[key]
+            elif kind == "a_hist":
+                key = [old_to_new[k] for k in key]
+            out.append(((kind, key), value))
+        return out
+
+    def _write_table(self) -> None:
+        """Write the layer table (rows in model order) and the model summary, once."""
+        self._table_written = True
+        table = schema.LayerTable(
+            layers=[l.info for l in self.layers],
+            log_every=self.log_every,
+            has_optimizer=self.optimizer is not None,
+            extra={"loss_tags": self.loss_tags} if self.loss_tags is not None else {},
+        )
+        self.writer._submit_table(table)
+        self.writer._submit_summary_text(table)
+
+    def _log_graph(self, args: tuple, kwargs: dict) -> None:
+        self._busy = True
+        try:
+            self.writer._log_graph_safely(self.model, args)
+        finally:
+            self._busy = False
+

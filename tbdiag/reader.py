@@ -1,0 +1,111 @@
+"""Reading tbdiag data from event files with TensorBoard's own loader.
+
+Used by `tbdiag report`; the TensorBoard plugin reads through TensorBoard's
+data provider instead and shares everything after the bytes (`RunData`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+from tensorboard.util import tensor_util
+
+from . import schema
+from .rundata import RunData, is_loss_tag
+
+
+class NoDataError(Exception):
+    """LOGDIR is missing or holds no tbdiag data (exit status 2 of `tbdiag report`)."""
+
+
+class _WarnOnDataLoss(logging.Handler):
+    """Turn TensorBoard's log lines about unreadable event files into Python warnings.
+
+    TensorBoard's loader already skips a corrupt record and keeps the rest of
+    the run; this makes the skip visible to a report reader instead of a log line.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING or "corrupt" in msg.lower() or "data loss" in msg.lower():
+            warnings.warn(f"tbdiag: skipped unreadable event data: {msg}", RuntimeWarning, stacklevel=2)
+
+
+def _multiplexer(logdir: str) -> pem.EventMultiplexer:
+    mux = pem.EventMultiplexer(
+        # keep every tbdiag sample and every scalar; one sample of anything else
+        # (histograms, images) is all the report needs to know a tag exists
+        size_guidance={pea.TENSORS: 1, pea.GRAPH: 0, pea.META_GRAPH: 0, pea.RUN_METADATA: 0},
+        tensor_size_guidance={schema.PLUGIN_NAME: 0, "scalars": 0},
+    )
+    handler = _WarnOnDataLoss(level=logging.INFO)
+    tb_logger = logging.getLogger("tensorboard")
+    tb_logger.addHandler(handler)
+    try:
+        mux.AddRunsFromDirectory(logdir)
+        mux.Reload()
+    finally:
+        tb_logger.removeHandler(handler)
+    return mux
+
+
+def _tensors(mux: pem.EventMultiplexer, run: str, tag: str):
+    for event in mux.Tensors(run, tag):
+        try:
+            yield event.step, tensor_util.make_ndarray(event.tensor_proto)
+        except (ValueError, TypeError) as e:
+            warnings.warn(f"tbdiag: skipped an undecodable value of {run}/{tag} at step {event.step}: {e}",
+                          RuntimeWarning, stacklevel=2)
+
+
+def load_logdir(logdir: str, loss_tags: Sequence[str] | None = None) -> list[RunData]:
+    """Every run under ``logdir`` with tbdiag data (or loss scalars), decoded.
+
+    Raises `NoDataError` when ``logdir`` does not exist or holds no tbdiag data.
+    """
+    if not os.path.isdir(logdir):
+        raise NoDataError(f"{logdir}: no such directory")
+    mux = _multiplexer(logdir)
+    diag = mux.PluginRunToTagToContent(schema.PLUGIN_NAME)
+    if not diag:
+        raise NoDataError(f"{logdir}: no tbdiag data found (did the training script call DiagnosticWriter.watch?)")
+    scalars = mux.PluginRunToTagToContent("scalars")
+    runs = []
+    for run in sorted(set(diag) | {r for r, tags in scalars.items() if any(is_loss_tag(t, loss_tags) for t in tags)}):
+        runs.append(_run_data(mux, run, diag.get(run, {}), scalars.get(run, {}), loss_tags))
+    return runs
+
+
+def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequence[str] | None) -> RunData:
+    table = None
+    if schema.LAYERS_TAG in diag_tags:
+        values = list(_tensors(mux, run, schema.LAYERS_TAG))
+        if values:
+            table = schema.decode_layers(values[-1][1])
+    if table is not None and loss_tags is None and table.extra.get("loss_tags") is not None:
+        loss_tags = table.extra["loss_tags"]
+    samples = []
+    for tag, content in diag_tags.items():
+        if not schema.is_health_tag(tag):
+            continue
+        columns = schema.columns_from_metadata(content)
+        samples.extend((step, arr, columns) for step, arr in _tensors(mux, run, tag))
+    losses = {}
+    for tag in scalar_tags:
+        if is_loss_tag(tag, loss_tags):
+            pairs = [(step, float(np.asarray(v).reshape(-1)[0])) for step, v in _tensors(mux, run, tag)]
+            losses[tag] = ([s for s, _ in pairs], [v for _, v in pairs])
+    return RunData.from_samples(run, table, samples, losses)
+
+
+def iter_event_files(logdir: str) -> Iterator[str]:
+    for root, _dirs, files in os.walk(logdir):
+        for name in files:
+            if "tfevents" in name:
+                yield os.path.join(root, name)
