@@ -506,21 +506,38 @@ class _all_nan_ok:
 def _explain(findings: list[Finding], run: RunData) -> None:
     """Demote consequences to ``info`` when their cause is also found.
 
-    A dead layer stops all gradient below it, so vanishing gradients in the
-    layers up to and including a dead layer are its consequence, not a second
-    illness.
+    - A (nearly) fully dead layer passes no gradient, so vanishing gradients in
+      the layers up to and including it follow from it; and it feeds a constant
+      to the layers after it, so their ReLUs die with it.
+    - A layer whose gradients vanish gets updates below float precision: its
+      weights stop changing although it is in the optimizer.
     """
     order = {name: i for i, name in enumerate(run.layer_names)}
     dead = [f for f in findings if f.issue == "dead_relu" and (f.value or 0) >= 0.9]
+    vanishing = {f.layer for f in findings if f.issue == "vanishing_gradient"}
+
+    def demote(f: Finding, cause: Finding | None, why: str) -> None:
+        f.severity = "info"
+        f.explained_by = f"{cause.issue}:{cause.layer}" if cause is not None else None
+        f.message += f" ({why})"
+
     for f in findings:
-        if f.issue != "vanishing_gradient" or f.layer is None:
+        if f.layer is None or f.explained_by is not None:
             continue
-        for d in dead:
-            if order.get(f.layer, -1) <= order.get(d.layer or "", -1) and f.first_step >= d.first_step:
-                f.severity = "info"
-                f.explained_by = f"dead_relu:{d.layer}"
-                f.message += f" (explained by the dead layer {d.layer})"
-                break
+        pos = order.get(f.layer, -1)
+        if f.issue in ("vanishing_gradient", "dead_relu"):
+            for d in dead:
+                dpos = order.get(d.layer or "", -1)
+                upstream = f.issue == "vanishing_gradient" and pos <= dpos
+                downstream = f.issue == "dead_relu" and pos > dpos
+                if (upstream or downstream) and f.first_step >= d.first_step and f is not d:
+                    demote(f, d, f"explained by the dead layer {d.layer}")
+                    break
+        elif f.issue == "frozen_layer" and f.layer in vanishing:
+            info = run.table.layers[pos] if pos >= 0 else None
+            if info is None or info.in_optimizer is not False:
+                cause = next(v for v in findings if v.issue == "vanishing_gradient" and v.layer == f.layer)
+                demote(f, cause, "its gradients are too small to change the weights: see vanishing_gradient")
 
 
 def evaluate(
