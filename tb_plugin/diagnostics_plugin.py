@@ -1,0 +1,155 @@
+"""The TensorBoard Diagnostics plugin: the "tbdiag" tab.
+
+See ``http_api.md`` in this directory for the routes.  The plugin reads only
+through TensorBoard's data provider (`run_source.RunSource`), evaluates the
+same rules as ``tbdiag report`` (`tbdiag.rules`), and serves a plain ES module
+(``static/index.js``) that TensorBoard loads into an iframe -- no build step,
+nothing from a CDN (TensorBoard's CSP would block it anyway).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable
+
+from werkzeug import wrappers
+
+from tensorboard import errors as tb_errors
+from tensorboard import plugin_util
+from tensorboard.backend import http_util
+from tensorboard.plugins import base_plugin
+
+from tbdiag import rules, schema
+
+from . import payloads, query
+from .run_source import RunSource, UnknownRunError
+
+logger = logging.getLogger(__name__)
+
+_STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+_STATIC_FILES = {
+    "/index.js": ("index.js", "text/javascript"),
+    "/style.css": ("style.css", "text/css"),
+}
+
+Handler = Callable[["DiagnosticsPlugin", Any, str, Any], Any]
+
+
+def _json_route(handler: Handler) -> Callable:
+    """Wrap a route body ``(self, ctx, experiment, args) -> dict`` into a WSGI app.
+
+    Bad parameters (including unknown runs and layers) answer 400 with
+    ``{"error": reason}``; TensorBoard's own public errors keep their status;
+    anything else is logged and answered 500 with a JSON body, never a bare
+    traceback.
+    """
+
+    @functools.wraps(handler)
+    @wrappers.Request.application
+    def app(self: "DiagnosticsPlugin", request: wrappers.Request) -> wrappers.Response:
+        ctx = plugin_util.context(request.environ)
+        experiment = plugin_util.experiment_id(request.environ)
+        try:
+            body = handler(self, ctx, experiment, request.args)
+        except query.BadRequest as e:
+            return _error(request, str(e), 400)
+        except UnknownRunError as e:
+            return _error(request, f"no tbdiag data for run {e.args[0]!r}", 400)
+        except tb_errors.PublicError as e:
+            return _error(request, str(e), e.http_code)
+        except Exception:  # a bug, not a bad request: log it, still answer JSON
+            logger.exception("tbdiag plugin: %s failed", request.path)
+            return _error(request, "internal error in the tbdiag plugin (see the TensorBoard log)", 500)
+        return http_util.Respond(request, _dumps(body), "application/json")
+
+    return app
+
+
+def _dumps(body: Any) -> str:
+    # Payloads already encode non-finite floats as strings; allow_nan=False
+    # turns any slip into an error here instead of invalid JSON in the browser.
+    return json.dumps(body, allow_nan=False, separators=(",", ":"))
+
+
+def _error(request: wrappers.Request, message: str, code: int) -> wrappers.Response:
+    return http_util.Respond(request, _dumps({"error": message}), "application/json", code=code)
+
+
+class DiagnosticsPlugin(base_plugin.TBPlugin):
+    """Per-layer training health for runs written by `tbdiag.DiagnosticWriter`."""
+
+    plugin_name = schema.PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext):
+        self._source = RunSource(context.data_provider)
+
+    def get_plugin_apps(self) -> dict[str, Callable]:
+        return {
+            "/index.js": self._serve_static,
+            "/style.css": self._serve_static,
+            "/runs": self.runs_route,
+            "/rules": self.rules_route,
+            "/findings": self.findings_route,
+            "/layers": self.layers_route,
+            "/series": self.series_route,
+            "/heatmap": self.heatmap_route,
+        }
+
+    def is_active(self) -> bool:
+        # TensorBoard core already activates the tab when the data provider
+        # lists "tbdiag" data; anything slower here would stall every page load.
+        return False
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Diagnostics")
+
+    # ---------------------------------------------------------------- static
+
+    @wrappers.Request.application
+    def _serve_static(self, request: wrappers.Request) -> wrappers.Response:
+        name, mimetype = _STATIC_FILES[request.path[request.path.rindex("/"):]]
+        with open(os.path.join(_STATIC_DIR, name), "rb") as f:
+            return http_util.Respond(request, f.read(), mimetype)
+
+    # ---------------------------------------------------------------- routes
+
+    @_json_route
+    def runs_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        return payloads.runs_payload(self._source.list_runs(ctx, experiment))
+
+    @_json_route
+    def rules_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        return payloads.rules_payload(rules.rules_json(query.thresholds(args)))
+
+    @_json_route
+    def findings_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        run = query.required(args, "run")
+        data, found = self._source.findings(ctx, experiment, run, query.thresholds(args))
+        return payloads.findings_payload(data, found)
+
+    @_json_route
+    def layers_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        run = query.required(args, "run")
+        step = query.optional_int(args, "step")
+        thresholds = query.thresholds(args)
+        data, found = self._source.findings(ctx, experiment, run, thresholds)
+        return payloads.layers_payload(data, found, step)
+
+    @_json_route
+    def series_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        run = query.required(args, "run")
+        layer = query.required(args, "layer")
+        stats = [query.statistic({"stat": s}) for s in args.getlist("stat")] if hasattr(args, "getlist") else None
+        thresholds = query.thresholds(args)
+        data, found = self._source.findings(ctx, experiment, run, thresholds)
+        return payloads.series_payload(data, found, layer, rules.resolve(thresholds), stats or None)
+
+    @_json_route
+    def heatmap_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        run = query.required(args, "run")
+        stat = query.statistic(args)
+        data, found = self._source.findings(ctx, experiment, run, query.thresholds(args))
+        return payloads.heatmap_payload(data, found, stat)

@@ -1,0 +1,268 @@
+"""JSON bodies of the plugin's routes, built from a `RunData` and its findings.
+
+Pure functions (no TensorBoard, no HTTP), so each response shape is easy to
+test and to read next to ``http_api.md``.  Floats go through `json_values`,
+which keeps responses strict JSON when a statistic is NaN or Inf: those become
+the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (as `tbdiag report
+--format json` and TensorBoard's own ``json_util`` encode them).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+
+from tbdiag import rules, schema
+from tbdiag.rundata import RunData, json_number
+
+from .query import BadRequest
+from .threshold_lines import threshold_lines
+
+#: Statistics the layer table shows as columns, in this order.
+KEY_STATS: tuple[str, ...] = ("grad_rms", "update_ratio", "dead_frac", "saturated_frac", "act_std", "weight_norm")
+
+#: How the tab scales each statistic: "log" (spans decades: norms, ratios),
+#: "fraction" (0..1) or "linear".
+STAT_SCALES: dict[str, str] = {
+    "act_mean": "linear",
+    "act_std": "log",
+    "act_nonfinite": "linear",
+    "dead_frac": "fraction",
+    "saturated_frac": "fraction",
+    "grad_norm": "log",
+    "grad_rms": "log",
+    "grad_nonfinite": "linear",
+    "weight_norm": "log",
+    "weight_nonfinite": "linear",
+    "update_ratio": "log",
+    "changed": "fraction",
+    "grad_params": "linear",
+}
+assert set(STAT_SCALES) == set(schema.COLUMNS), "every statistic needs a scale"
+
+#: The short word a flag shows in the table (the tooltip carries the rest).
+FLAG_WORDS: dict[str, str] = {
+    "dead_relu": "dead",
+    "vanishing_gradient": "vanishing",
+    "exploding_gradient": "exploding",
+    "saturated_activation": "saturated",
+    "nonfinite": "NaN/Inf",
+    "frozen_layer": "frozen",
+    "loss_divergence": "diverging",
+    "loss_plateau": "plateau",
+    "input_bound": "input-bound",
+}
+
+
+def json_values(values: np.ndarray) -> list[Any]:
+    """A float array as a JSON-safe list (non-finite values as strings).
+
+    Vectorised: only the (usually few) non-finite entries go through Python.
+    """
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    out = arr.tolist()
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        for i in bad.tolist():
+            out[i] = json_number(out[i])
+    return out
+
+
+def step_index(data: RunData, step: int | None) -> int:
+    """Index of the latest logged step at or before ``step`` (the last one when None)."""
+    if len(data.steps) == 0:
+        raise BadRequest(f"run {data.name!r} has no logged steps yet")
+    if step is None:
+        return len(data.steps) - 1
+    i = int(np.searchsorted(data.steps, step, side="right")) - 1
+    if i < 0:
+        raise BadRequest(f"step {step} is before the run's first logged step {int(data.steps[0])}")
+    return i
+
+
+def layer_index(data: RunData, layer: str) -> int:
+    for i, info in enumerate(data.table.layers):
+        if info.name == layer:
+            return i
+    raise BadRequest(f"run {data.name!r} has no layer {layer!r}")
+
+
+# ---------------------------------------------------------------------- routes
+
+
+def runs_payload(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"runs": [{"run": name, **info} for name, info in sorted(runs.items())]}
+
+
+def summary(findings: Sequence[rules.Finding]) -> list[dict[str, Any]]:
+    """One entry per finding kind, worst first: what the banner shows.
+
+    A kind's severity is the worst among its findings, counting only findings
+    not explained by another (a vanishing gradient caused by a dead layer is
+    listed, but ranks as the info it was demoted to).
+    """
+    by_issue: dict[str, list[rules.Finding]] = {}
+    for f in findings:
+        by_issue.setdefault(f.issue, []).append(f)
+    out = []
+    for issue, group in by_issue.items():
+        severity = rules.worst(group) or "info"
+        layers = [f.layer for f in group if f.layer is not None]
+        out.append({
+            "issue": issue,
+            "word": FLAG_WORDS.get(issue, issue),
+            "severity": severity,
+            "count": len(group),
+            "explained": sum(1 for f in group if f.explained_by),
+            "layers": layers,
+            "first_step": min(f.first_step for f in group),
+        })
+    out.sort(key=lambda e: (-rules.SEVERITY_RANK[e["severity"]], -e["count"], e["first_step"], e["issue"]))
+    return out
+
+
+def findings_payload(data: RunData, findings: Sequence[rules.Finding]) -> dict[str, Any]:
+    counts = Counter(f.severity for f in findings)
+    return {
+        "run": data.name,
+        "findings": [f.to_json() for f in findings],
+        "summary": summary(findings),
+        "severity_counts": {s: counts.get(s, 0) for s in reversed(rules.SEVERITIES)},
+        "worst": rules.worst(findings),
+        "steps": _steps_info(data),
+    }
+
+
+def _steps_info(data: RunData) -> dict[str, Any]:
+    n = len(data.steps)
+    return {
+        "count": n,
+        "first": int(data.steps[0]) if n else None,
+        "last": int(data.steps[-1]) if n else None,
+    }
+
+
+def _flags_by_layer(findings: Sequence[rules.Finding]) -> dict[str, list[rules.Finding]]:
+    out: dict[str, list[rules.Finding]] = {}
+    for f in findings:
+        if f.layer is not None:
+            out.setdefault(f.layer, []).append(f)
+    return out
+
+
+def _flag_json(f: rules.Finding, at_step: int) -> dict[str, Any]:
+    out = f.to_json()
+    out["word"] = FLAG_WORDS.get(f.issue, f.issue)
+    out["active"] = f.first_step <= at_step  # had the problem started by the selected step?
+    return out
+
+
+def layers_payload(data: RunData, findings: Sequence[rules.Finding], step: int | None) -> dict[str, Any]:
+    """The per-layer health table at one logged step, in model order."""
+    t = step_index(data, step)
+    at = int(data.steps[t])
+    flags = _flags_by_layer(findings)
+    stats_now = data.stats[t]  # [layers, columns]
+    has_data = np.isfinite(data.stats).any(axis=(0, 1))  # columns measured at all in this run
+    rows = []
+    for i, info in enumerate(data.table.layers):
+        own = flags.get(info.name, [])
+        row_stats = json_values(stats_now[i])
+        rows.append({
+            "index": i,
+            "name": info.name,
+            "type": info.type,
+            "params": info.params,
+            "trainable_params": info.trainable_params,
+            "activation": info.activation,
+            "output_shape": info.output_shape,
+            "stats": dict(zip(schema.COLUMNS, row_stats)),
+            "flags": [_flag_json(f, at) for f in own],
+            "worst": rules.worst([f for f in own if f.first_step <= at]),
+        })
+    return {
+        "run": data.name,
+        "step": at,
+        "step_index": t,
+        "steps": _steps_info(data),
+        "key_stats": [c for c in KEY_STATS if has_data[schema.COLUMN_INDEX[c]]],
+        "layers": rows,
+        "model_findings": [f.to_json() for f in findings if f.layer is None],
+    }
+
+
+def steps_payload(data: RunData) -> dict[str, Any]:
+    return {"run": data.name, "steps": data.steps.tolist()}
+
+
+def series_payload(
+    data: RunData, findings: Sequence[rules.Finding], layer: str, resolved: dict[str, rules.Rule],
+    stats: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Every statistic of one layer over all logged steps, with the threshold lines to draw."""
+    i = layer_index(data, layer)
+    info = data.table.layers[i]
+    names = list(stats) if stats else list(schema.COLUMNS)
+    series = {c: json_values(data.stats[:, i, schema.COLUMN_INDEX[c]]) for c in names}
+    return {
+        "run": data.name,
+        "layer": info.name,
+        "index": i,
+        "type": info.type,
+        "steps": data.steps.tolist(),
+        "series": series,
+        "thresholds": {
+            c: [{**line, "values": json_values(line["values"])} if "values" in line else line for line in lines]
+            for c, lines in threshold_lines(data, i, resolved).items() if c in series
+        },
+        "findings": [f.to_json() for f in findings if f.layer == info.name],
+    }
+
+
+def heatmap_payload(data: RunData, findings: Sequence[rules.Finding], stat: str) -> dict[str, Any]:
+    """One statistic for every layer x every logged step, as packed float32.
+
+    500 layers x 2,000 steps is a million numbers: as a JSON list that is
+    ~20 MB and seconds to encode and parse; packed little-endian float32 in
+    base64 it is 5 MB, encoded in milliseconds, and the tab reads it straight
+    into a Float32Array.  NaN (not measured) stays NaN in the array.
+    """
+    matrix = np.ascontiguousarray(data.stats[:, :, schema.COLUMN_INDEX[stat]].T, dtype="<f4")  # [layers, steps]
+    finite = matrix[np.isfinite(matrix)]
+    if STAT_SCALES[stat] == "log":
+        finite = finite[finite > 0]
+    flags = _flags_by_layer(findings)
+    return {
+        "run": data.name,
+        "stat": stat,
+        "label": schema.COLUMN_LABELS[stat],
+        "scale": STAT_SCALES[stat],
+        "layers": data.layer_names,
+        "steps": data.steps.tolist(),
+        "shape": list(matrix.shape),
+        "encoding": "float32-le-base64",
+        "values": base64.b64encode(matrix.tobytes()).decode("ascii"),
+        "min": json_number(float(finite.min())) if finite.size else None,
+        "max": json_number(float(finite.max())) if finite.size else None,
+        "flagged": {
+            name: {"worst": rules.worst(fs), "issues": sorted({f.issue for f in fs}),
+                   "first_step": min(f.first_step for f in fs)}
+            for name, fs in flags.items()
+        },
+    }
+
+
+def rules_payload(resolved_json: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rule table (with overrides applied) plus what the tab needs to label statistics."""
+    return {
+        "rules": resolved_json,
+        "words": FLAG_WORDS,
+        "severities": list(rules.SEVERITIES),
+        "key_stats": list(KEY_STATS),
+        "columns": [
+            {"name": c, "label": schema.COLUMN_LABELS[c], "scale": STAT_SCALES[c]} for c in schema.COLUMNS
+        ],
+    }
