@@ -29,7 +29,7 @@ XSS_NAME = "<img src=x onerror=alert(1)>"
 # --------------------------------------------------------------------- runs
 
 
-def train_run(logdir: str, *, dead: bool, steps: int = 60, log_every: int = 3, seed: int = 0,
+def train_run(logdir: str, *, dead: bool, steps: int = 40, log_every: int = 2, seed: int = 0,
               xss_layer: bool = False) -> None:
     """Train a small CNN for ``steps`` steps with `DiagnosticWriter` watching it.
 
@@ -51,8 +51,7 @@ def train_run(logdir: str, *, dead: bool, steps: int = 60, log_every: int = 3, s
             super().__init__()
             self.conv1 = nn.Conv2d(1, 8, 3)
             self.conv2 = nn.Conv2d(8, 16, 3)
-            self.pool = nn.AdaptiveAvgPool2d(4)
-            self.fc1 = nn.Linear(16 * 4 * 4, 32)
+            self.fc1 = nn.Linear(16 * 12 * 12, 32)
             self.fc2 = nn.Linear(32, 10)
             if xss_layer:
                 self.add_module(XSS_NAME, nn.Linear(10, 10))
@@ -60,7 +59,7 @@ def train_run(logdir: str, *, dead: bool, steps: int = 60, log_every: int = 3, s
         def forward(self, x):
             x = F.relu(self.conv1(x))
             x = F.relu(self.conv2(x))
-            x = F.relu(self.fc1(self.pool(x).flatten(1)))
+            x = F.relu(self.fc1(x.flatten(1)))
             x = self.fc2(x)
             if xss_layer:
                 x = getattr(self, XSS_NAME)(x)
@@ -75,10 +74,10 @@ def train_run(logdir: str, *, dead: bool, steps: int = 60, log_every: int = 3, s
     writer.watch(model, opt, log_every=log_every, log_graph=False, histograms=False,
                  activation_histograms=False)
     gen = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(10, 256, generator=gen)  # a learnable labelling, so a healthy loss really falls
+    teacher = torch.randn(10, 16, generator=gen)  # labels from coarse input features: a healthy loss really falls
     for step in range(steps):
-        x = torch.randn(16, 1, 16, 16, generator=gen)
-        y = (x.flatten(1) @ teacher.T).argmax(1)
+        x = torch.randn(64, 1, 16, 16, generator=gen)
+        y = (F.adaptive_avg_pool2d(x, 4).flatten(1) @ teacher.T).argmax(1)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -120,3 +119,166 @@ def wsgi_app(logdir: str):
         flags, default.get_plugins(), ingester.data_provider, None,
         ingester.deprecated_multiplexer,
     ), ingester
+
+
+def write_long_run(logdir: str, *, logged_steps: int, log_every: int, layers: int = 6,
+                   dead_layer: int = 3, dead_from_index: int, nan_layer: int = 5, nan_index: int) -> dict:
+    """Write a run of ``logged_steps`` logging steps in seconds, chunked exactly as the writer does.
+
+    Training 10,000 logging steps for real would take far too long for a
+    test, so the statistics are synthesised -- healthy noise, then layer
+    ``dead_layer`` goes fully dead from logging index ``dead_from_index`` on,
+    and layer ``nan_layer`` gets NaN gradients at exactly one logging index
+    ``nan_index`` -- and written with the schema's own encoder through a
+    `SummaryWriter`'s file writer, with ``STEPS_PER_TAG`` steps per tag like
+    `DiagnosticWriter`.  Returns the steps a reader must report.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tbdiag import schema
+
+    rng = np.random.default_rng(0)
+    col = schema.COLUMN_INDEX
+    table = schema.LayerTable(
+        layers=[schema.LayerInfo(name=f"block{i}.linear", type="Linear", params=1000 + i, trainable_params=1000 + i,
+                                 activation="relu") for i in range(layers)],
+        log_every=log_every, has_optimizer=True,
+    )
+    writer = SummaryWriter(logdir)
+    fw = writer._get_file_writer()
+    fw.add_summary(schema.encode_layers(table), 0)
+    for t in range(logged_steps):
+        step = t * log_every
+        stats = np.zeros((layers, len(schema.COLUMNS)), dtype=np.float32)
+        stats[:, col["act_mean"]] = 0.1 + 0.01 * rng.standard_normal(layers)
+        stats[:, col["act_std"]] = 1.0
+        stats[:, col["dead_frac"]] = 0.05 * rng.random(layers)
+        stats[:, col["saturated_frac"]] = np.nan
+        stats[:, col["grad_norm"]] = 0.5 * (1 + 0.1 * rng.standard_normal(layers))
+        stats[:, col["grad_rms"]] = 1e-3 * (1 + 0.1 * rng.standard_normal(layers))
+        stats[:, col["weight_norm"]] = 10.0
+        stats[:, col["update_ratio"]] = 1e-3
+        stats[:, col["changed"]] = 1.0
+        stats[:, col["grad_params"]] = 2
+        if t >= dead_from_index:
+            stats[dead_layer, col["dead_frac"]] = 1.0
+        if t == nan_index:
+            stats[nan_layer, col["grad_nonfinite"]] = 7
+            stats[nan_layer, col["grad_norm"]] = np.nan
+            stats[nan_layer, col["grad_rms"]] = np.nan
+        first_of_chunk = (t - t % schema.STEPS_PER_TAG) * log_every
+        fw.add_summary(schema.encode_health(first_of_chunk, stats), step)
+    writer.close()
+    return {
+        "dead_layer": table.layers[dead_layer].name, "dead_step": dead_from_index * log_every,
+        "nan_layer": table.layers[nan_layer].name, "nan_step": nan_index * log_every,
+        "last_step": (logged_steps - 1) * log_every, "logged_steps": logged_steps,
+    }
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 30.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode("utf-8") or "{}")
+
+
+class TensorBoardProcess:
+    """A real ``tensorboard`` process on 127.0.0.1 and a free port, stopped on exit."""
+
+    def __init__(self, logdir: str, *, load_fast: bool, workdir: str, reload_interval: int = 2):
+        self.logdir = logdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(workdir, f"tensorboard-{self.port}.log")
+        # run from workdir: a stale *.egg-info in the repository root must not shadow the installed entry points
+        self._cmd = [
+            sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
+            "--port", str(self.port), "--load_fast", "true" if load_fast else "false",
+            "--reload_interval", str(reload_interval),
+        ]
+        self._workdir = workdir
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    def __enter__(self) -> "TensorBoardProcess":
+        self._log = open(self.log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._proc = subprocess.Popen(self._cmd, cwd=self._workdir, stdout=self._log, stderr=subprocess.STDOUT,
+                                      env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"tensorboard exited with {self._proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/data/plugins_listing", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"tensorboard did not come up within 60 s:\n{self.log()}")
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")[-4000:]
+        except OSError:
+            return ""
+
+    def wait_for(self, path: str, ready, timeout: float = 90.0) -> dict:
+        """Poll ``path`` until ``ready(status, body)`` holds (TensorBoard loads logdirs in the background)."""
+        deadline = time.time() + timeout
+        last: tuple[int, dict] = (0, {})
+        while time.time() < deadline:
+            try:
+                last = get_json(self.url + path)
+                if ready(*last):
+                    return last[1]
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"{path} not ready after {timeout} s; last answer {str(last)[:500]}\n{self.log()}")
+
+
+def session_logdir(tmp_path_factory, name: str, build) -> str:
+    """A logdir built once per test session, shared by every plugin test module that asks for it."""
+    root = tmp_path_factory.getbasetemp() / f"tbdiag-plugin-{name}"
+    done = root / ".complete"
+    if not done.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        build(str(root))
+        done.write_text("ok")
+    return str(root)
+
+
+def build_trained_logdir(root: str) -> None:
+    """Three real runs: "sick" (dead conv2), "healthy", and "xss" (a layer named like an HTML payload)."""
+    train_run(os.path.join(root, "sick"), dead=True)
+    train_run(os.path.join(root, "healthy"), dead=False, seed=1)
+    train_run(os.path.join(root, "xss"), dead=True, xss_layer=True, steps=24)
+
+
+def strict_json(text: str):
+    """Parse JSON the way a browser's JSON.parse does: bare NaN/Infinity are errors."""
+    def reject(token: str):
+        raise ValueError(f"invalid JSON constant {token}")
+    return json.loads(text, parse_constant=reject)
