@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from tensorboard.backend.event_processing import plugin_event_accumulator as pea
@@ -25,16 +25,18 @@ class NoDataError(Exception):
 
 
 class _WarnOnDataLoss(logging.Handler):
-    """Turn TensorBoard's log lines about unreadable event files into Python warnings.
+    """Turn TensorBoard's note about a corrupt event record into a Python warning.
 
-    TensorBoard's loader already skips a corrupt record and keeps the rest of
-    the run; this makes the skip visible to a report reader instead of a log line.
+    TensorBoard's loader stops reading a file at a record that fails its CRC
+    check and goes on with every other file; it says so only at debug level.
+    A record cut short at the end of a file is not reported: that is a run
+    still being written, and the loader picks it up on the next read.
     """
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
-        if record.levelno >= logging.WARNING or "corrupt" in msg.lower() or "data loss" in msg.lower():
-            warnings.warn(f"tbdiag: skipped unreadable event data: {msg}", RuntimeWarning, stacklevel=2)
+        if "crc32 check" in msg:
+            warnings.warn(f"tbdiag: skipped the rest of a corrupt event file: {msg}", RuntimeWarning, stacklevel=2)
 
 
 def _multiplexer(logdir: str) -> pem.EventMultiplexer:
@@ -44,14 +46,17 @@ def _multiplexer(logdir: str) -> pem.EventMultiplexer:
         size_guidance={pea.TENSORS: 1, pea.GRAPH: 0, pea.META_GRAPH: 0, pea.RUN_METADATA: 0},
         tensor_size_guidance={schema.PLUGIN_NAME: 0, "scalars": 0},
     )
-    handler = _WarnOnDataLoss(level=logging.INFO)
+    handler = _WarnOnDataLoss(level=logging.DEBUG)
     tb_logger = logging.getLogger("tensorboard")
+    old_level = tb_logger.level
     tb_logger.addHandler(handler)
+    tb_logger.setLevel(logging.DEBUG)
     try:
         mux.AddRunsFromDirectory(logdir)
         mux.Reload()
     finally:
         tb_logger.removeHandler(handler)
+        tb_logger.setLevel(old_level)
     return mux
 
 
@@ -103,9 +108,3 @@ def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequ
             losses[tag] = ([s for s, _ in pairs], [v for _, v in pairs])
     return RunData.from_samples(run, table, samples, losses)
 
-
-def iter_event_files(logdir: str) -> Iterator[str]:
-    for root, _dirs, files in os.walk(logdir):
-        for name in files:
-            if "tfevents" in name:
-                yield os.path.join(root, name)

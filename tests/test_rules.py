@@ -1,0 +1,173 @@
+"""Rules on hand-made statistics: each fires on a sick series and stays silent on a healthy one."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tbdiag import rules, schema
+from tbdiag.report import render_json
+from tbdiag.rundata import RunData
+
+C = schema.COLUMN_INDEX
+
+
+def make_run(n_steps=10, n_layers=3, losses=None, **cols):
+    """A healthy baseline; ``cols`` override columns with [steps, layers] arrays."""
+    stats = np.full((n_steps, n_layers, len(schema.COLUMNS)), np.nan, np.float32)
+    stats[..., C["act_mean"]] = 0.1
+    stats[..., C["act_std"]] = 1.0
+    stats[..., C["act_nonfinite"]] = 0
+    stats[..., C["dead_frac"]] = 0.05
+    stats[..., C["grad_norm"]] = 0.1
+    stats[..., C["grad_rms"]] = 1e-3
+    stats[..., C["grad_nonfinite"]] = 0
+    stats[..., C["weight_norm"]] = 5
+    stats[..., C["weight_nonfinite"]] = 0
+    stats[..., C["update_ratio"]] = 1e-3
+    stats[..., C["changed"]] = 1
+    stats[0, :, C["changed"]] = np.nan
+    stats[..., C["grad_params"]] = 2
+    for name, value in cols.items():
+        stats[..., C[name]] = value
+    table = schema.LayerTable(layers=[schema.LayerInfo(name=f"l{i}", type="Linear") for i in range(n_layers)])
+    steps = np.arange(n_steps) * 10
+    return RunData("run", table, steps, stats, losses or {})
+
+
+def issues(run, **kw):
+    return [(f.issue, f.layer, f.severity) for f in rules.evaluate(run, **kw)]
+
+
+def test_healthy_run_has_no_findings():
+    assert issues(make_run(losses={"loss": (np.arange(40), np.linspace(2.3, 0.5, 40))})) == []
+
+
+def test_dead_relu_needs_persistence_and_reports_since_when():
+    dead = np.full((10, 3), 0.05)
+    dead[6:, 1] = 0.9
+    (f,) = rules.evaluate(make_run(dead_frac=dead))
+    assert (f.issue, f.layer, f.first_step, f.last_step, f.ongoing) == ("dead_relu", "l1", 60, 90, True)
+    assert "90%" in f.message and "since step 60" in f.message
+    blip = np.full((10, 3), 0.05)
+    blip[4:6, 1] = 0.9  # two logging steps: noise
+    assert issues(make_run(dead_frac=blip)) == []
+
+
+def test_vanishing_relative_and_absolute():
+    rms = np.tile([1e-9, 1e-3, 1e-2], (10, 1))
+    assert ("vanishing_gradient", "l0", "warning") in issues(make_run(grad_rms=rms))
+    rms = np.tile([3e-8, 3e-8, 4e-8], (10, 1))  # all tiny: the absolute floor
+    assert len(issues(make_run(grad_rms=rms))) == 3
+    assert issues(make_run(grad_rms=np.tile([1e-4, 1e-3, 1e-2], (10, 1)))) == []
+
+
+def test_exploding_fires_at_once():
+    rms = np.full((10, 3), 1e-3)
+    rms[7, 2] = 50.0
+    (f,) = rules.evaluate(make_run(grad_rms=rms))
+    assert (f.issue, f.layer, f.first_step, f.severity) == ("exploding_gradient", "l2", 70, "error")
+
+
+def test_saturation():
+    sat = np.full((10, 3), 0.1)
+    sat[:, 0] = 0.8
+    assert issues(make_run(saturated_frac=sat)) == [("saturated_activation", "l0", "warning")]
+
+
+def test_nonfinite_localises_first_step_and_first_layer():
+    act = np.zeros((10, 3))
+    act[4:, 1:] = 7  # first in the forward pass: l1
+    grad = np.zeros((10, 3))
+    grad[4:, :] = 3
+    (f,) = rules.evaluate(make_run(act_nonfinite=act, grad_nonfinite=grad))
+    assert (f.issue, f.layer, f.first_step, f.value) == ("nonfinite", "l1", 40, 7)
+    assert "activations" in f.message
+
+
+def test_nonfinite_in_gradients_only_points_at_the_last_layer():
+    grad = np.zeros((10, 3))
+    grad[5:, :] = 1
+    (f,) = rules.evaluate(make_run(grad_nonfinite=grad))
+    assert f.layer == "l2" and f.first_step == 50
+
+
+def test_frozen_layer_vs_intentionally_frozen():
+    changed = np.ones((10, 3))
+    changed[0] = np.nan
+    changed[:, 2] = 0
+    changed[0, 2] = np.nan
+    run = make_run(changed=changed)
+    run.table.layers[2].in_optimizer = False
+    (f,) = rules.evaluate(run)
+    assert (f.issue, f.layer) == ("frozen_layer", "l2") and "optimizer" in f.message
+    # requires_grad=False: no gradients, so nothing to flag
+    grads = np.full((10, 3), 2.0)
+    grads[:, 2] = 0
+    gnorm = np.full((10, 3), 0.1)
+    gnorm[:, 2] = np.nan
+    assert issues(make_run(changed=changed, grad_params=grads, grad_norm=gnorm)) == []
+    # changed once in a while: not frozen
+    changed[5, 2] = 1
+    assert issues(make_run(changed=changed)) == []
+
+
+def test_loss_divergence_and_nan_loss():
+    up = np.concatenate([np.linspace(2.3, 1.0, 30), np.linspace(1.0, 9.0, 30)])
+    (f,) = rules.evaluate(make_run(losses={"train/loss": (np.arange(60), up)}))
+    assert f.issue == "loss_divergence" and f.layer is None and f.severity == "error"
+    nan = np.linspace(2.3, 1.0, 30)
+    nan[17] = np.nan
+    (f,) = rules.evaluate(make_run(losses={"train/loss": (np.arange(30), nan)}))
+    assert f.issue == "loss_divergence" and f.first_step == 17
+    noisy = 1.0 + 0.3 * np.random.default_rng(0).standard_normal(100)
+    noisy[:10] += 1.0  # starts higher, then noisy but flat
+    assert [x for x in issues(make_run(losses={"loss": (np.arange(100), noisy)})) if x[0] == "loss_divergence"] == []
+
+
+def test_loss_plateau():
+    flat = 2.302 + 0.001 * np.sin(np.arange(50))
+    (f,) = rules.evaluate(make_run(losses={"loss": (np.arange(50), flat)}))
+    assert f.issue == "loss_plateau" and f.severity == "warning"
+    short = flat[:10]  # too few values to judge
+    assert issues(make_run(losses={"loss": (np.arange(10), short)})) == []
+
+
+def test_thresholds_are_overridable_and_validated():
+    dead = np.full((10, 3), 0.3)
+    assert issues(make_run(dead_frac=dead)) == []
+    assert len(issues(make_run(dead_frac=dead), thresholds={"dead_relu": 0.25})) == 3
+    assert issues(make_run(dead_frac=dead), thresholds={"dead_relu": 0.25, "dead_relu.persistence": 11}) == [
+        ("dead_relu", f"l{i}", "warning") for i in range(3)
+    ]  # a run shorter than the persistence counts when every step agrees
+    with pytest.raises(ValueError, match="unknown rule 'dead_reluu'"):
+        rules.resolve({"dead_reluu": 0.3})
+    with pytest.raises(ValueError, match="vanishing_gradient.absolute"):
+        rules.resolve({"vanishing_gradient.nope": 1})
+    with pytest.raises(ValueError, match="must be a number"):
+        rules.resolve({"dead_relu": "lots"})
+    assert rules.parse_threshold_args(["dead_relu=0.7"]) == {"dead_relu": 0.7}
+    with pytest.raises(ValueError, match="RULE=NUMBER"):
+        rules.parse_threshold_args(["dead_relu"])
+
+
+def test_rule_table_reads_like_a_table():
+    for rule in rules.RULES:
+        assert rule.statistic and rule.source and rule.why and rule.advice
+        assert rule.severity in rules.SEVERITIES and rule.persistence >= 1
+    names = {r.name for r in rules.RULES}
+    assert {"dead_relu", "vanishing_gradient", "exploding_gradient", "saturated_activation", "nonfinite",
+            "frozen_layer", "loss_divergence", "loss_plateau"} <= names
+
+
+def test_findings_json_is_strict_even_with_nan():
+    f = rules.Finding(run="r", layer=None, issue="nonfinite", severity="error", first_step=1, last_step=2,
+                      value=math.nan, message="m", threshold=math.inf)
+    parsed = json.loads(render_json([f]))
+    assert parsed["findings"][0]["value"] == "NaN" and parsed["findings"][0]["threshold"] == "Infinity"
+
+
+def test_streaks():
+    assert rules.streaks(np.array([0, 1, 1, 0, 1], bool)) == [(1, 3), (4, 5)]
+    assert rules.streaks(np.array([], bool)) == []

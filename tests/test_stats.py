@@ -1,0 +1,101 @@
+"""Statistics as pure functions on hand-made tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tbdiag import stats
+
+
+def test_dead_fraction_per_channel_and_per_feature():
+    x = torch.randn(8, 4, 5, 5)
+    x[:, 1] = -torch.rand(8, 5, 5)  # channel 1 never fires
+    x[:, 3] = 0.0  # channel 3 is exactly zero after ReLU
+    assert float(stats.dead_fraction(torch.relu(x), dim=1)) == pytest.approx(0.5)
+    feats = torch.randn(16, 10)
+    feats[:, :7] = -1.0
+    assert float(stats.dead_fraction(feats, dim=1)) == pytest.approx(0.7)
+    # a unit that fires for one sample only is alive
+    feats[3, :7] = 0.1
+    assert float(stats.dead_fraction(feats, dim=1)) == 0.0
+
+
+def test_unit_dim_channels_for_conv_features_for_sequences():
+    assert stats.unit_dim((8, 16, 5, 5), channels_first=True) == 1
+    assert stats.unit_dim((8, 12, 64), channels_first=False) == 2
+    assert stats.unit_dim((8, 64), channels_first=True) == 1
+
+
+def test_saturated_fraction():
+    y = torch.tensor([0.999, -0.995, 0.5, 0.0])
+    assert float(stats.saturated_fraction(y, "tanh")) == pytest.approx(0.5)
+    s = torch.tensor([0.001, 0.999, 0.5, 0.2])
+    assert float(stats.saturated_fraction(s, "sigmoid")) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="sigmoid"):
+        stats.saturated_fraction(y, "relu")
+
+
+def test_activation_stats_and_nonfinite_counts():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mean, std, bad = stats.activation_stats(x).tolist()
+    assert (mean, bad) == (2.5, 0.0) and std == pytest.approx(np.std([1, 2, 3, 4]))
+    x = torch.tensor([1.0, float("nan"), float("inf"), 4.0])
+    assert stats.activation_stats(x)[2] == 2
+    assert stats.nonfinite_counts([x, torch.ones(3)]).tolist() == [2.0, 0.0]
+
+
+def test_norms_match_torch():
+    ts = [torch.randn(3, 4), torch.randn(7)]
+    assert stats.norms(ts).tolist() == pytest.approx([float(t.norm()) for t in ts], rel=1e-6)
+
+
+def test_histograms_exact_for_small_tensors():
+    t = torch.arange(100, dtype=torch.float32)
+    row = stats.histograms([t], bins=10)[0]
+    lo, hi, scale, counts = float(row[0]), float(row[1]), float(row[2]), row[3:].tolist()
+    assert (lo, hi, scale) == (0.0, 99.0, 1.0)
+    assert counts == [10.0] * 10
+    # NaN/Inf are left out; an all-NaN tensor has NaN range
+    row = stats.histograms([torch.tensor([1.0, float("nan"), 3.0]), torch.full((3,), float("nan"))], bins=2)
+    assert row[0, 3:].tolist() == [1.0, 1.0]
+    assert math.isnan(float(row[1, 0]))
+
+
+def test_sample_indices_are_deterministic_and_spread():
+    idx = stats.sample_indices(1_000_003, torch.device("cpu"))
+    assert idx is not None and len(idx) == stats.HISTOGRAM_SAMPLE
+    assert torch.equal(idx, stats.sample_indices(1_000_003, torch.device("cpu")))
+    assert len(torch.unique(idx)) == len(idx)
+    # hits every tenth of the tensor about equally
+    buckets = torch.bincount(idx * 10 // 1_000_003, minlength=10)
+    assert buckets.min() > 0.8 * len(idx) / 10
+    assert stats.sample_indices(100, torch.device("cpu")) is None
+
+
+def test_histogram_sample_is_a_copy():
+    t = torch.randn(100)
+    s = stats.histogram_sample(t)
+    t.relu_()
+    assert (s < 0).any(), "an in-place op after the hook must not change what gets histogrammed"
+
+
+def test_feature_grid_bounded_and_normalised():
+    out = torch.randn(4, 64, 100, 100)
+    grid = stats.feature_grid(out, max_channels=16, size=32)
+    assert grid.shape == (16, 32, 32)
+    assert float(grid.min()) >= 0 and float(grid.max()) <= 1
+
+
+def test_to_host_one_buffer_many_shapes():
+    a, b = torch.arange(6.0).reshape(2, 3), torch.tensor([7.0])
+    ha, hb = stats.to_host([a, b])
+    assert ha.shape == (2, 3) and hb.tolist() == [7.0]
+
+
+def test_statistics_do_not_modify_inputs():
+    x = torch.randn(8, 4, 5, 5)
+    before = x.clone()
+    stats.dead_fraction(x, 1), stats.activation_stats(x), stats.histograms([x]), stats.feature_grid(x)
+    assert torch.equal(x, before)
