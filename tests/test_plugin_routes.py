@@ -1,0 +1,260 @@
+"""The Diagnostics plugin's routes, through TensorBoard's own WSGI app and data provider.
+
+The logdir is written by real training runs (`plugin_helpers.train_run`); the
+app is built from TensorBoard's parsed flags, its `LocalDataIngester` and its
+`TensorBoardWSGIApp`, with the plugin found through the installed entry point.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from werkzeug.test import Client
+
+import plugin_helpers as h
+from tbdiag import report, schema
+from tbdiag.reader import load_logdir
+
+P = "/data/plugin/tbdiag"
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    return h.session_logdir(tmp_path_factory, "trained", h.build_trained_logdir)
+
+
+@pytest.fixture(scope="module")
+def client(logdir):
+    app, _ingester = h.wsgi_app(logdir)
+    return Client(app)
+
+
+def get(client: Client, url: str, status: int = 200):
+    r = client.get(url)
+    assert r.status_code == status, (url, r.status_code, r.get_data(as_text=True)[:500])
+    assert r.headers["Content-Type"].startswith("application/json")
+    return h.strict_json(r.get_data(as_text=True))
+
+
+# ------------------------------------------------------------ registration
+
+
+def test_entry_point_registers_the_tab(client):
+    from tensorboard import default
+
+    from tb_plugin.diagnostics_plugin import DiagnosticsPlugin
+
+    assert DiagnosticsPlugin in default.get_plugins(), "tensorboard_plugins entry point not installed"
+    listing = get(client, "/data/plugins_listing")
+    assert listing["tbdiag"]["enabled"] is True
+    assert listing["tbdiag"]["tab_name"] == "Diagnostics"
+    assert listing["tbdiag"]["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/tbdiag/index.js"}
+    r = client.get(P + "/index.js")
+    assert r.status_code == 200 and b"export async function render" in r.get_data()
+    assert client.get(P + "/style.css").status_code == 200
+
+
+def test_tab_is_hidden_without_tbdiag_data(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "plain")) as w:
+        w.add_scalar("train/loss", 1.0, 0)
+    app, _ = h.wsgi_app(str(tmp_path))
+    listing = get(Client(app), "/data/plugins_listing")
+    assert listing["tbdiag"]["enabled"] is False
+    assert get(Client(app), P + "/runs") == {"runs": []}
+
+
+def test_is_active_returns_at_once(logdir):
+    from tensorboard.plugins import base_plugin
+
+    from tb_plugin.diagnostics_plugin import DiagnosticsPlugin
+
+    _, ingester = h.wsgi_app(logdir)
+    plugin = DiagnosticsPlugin(base_plugin.TBContext(data_provider=ingester.data_provider, logdir=logdir))
+    t = time.perf_counter()
+    for _ in range(100):
+        plugin.is_active()
+    assert (time.perf_counter() - t) / 100 < 1e-3
+
+
+# ------------------------------------------------------------------ routes
+
+
+def test_runs_lists_every_tbdiag_run(client):
+    runs = {r["run"]: r for r in get(client, P + "/runs")["runs"]}
+    assert set(runs) == {"sick", "healthy", "xss"}
+    assert runs["sick"]["last_step"] == 38  # 40 steps logged every 2: 0, 2, ..., 38
+
+
+def test_findings_are_the_report_findings(client, logdir):
+    body = get(client, P + "/findings?run=sick")
+    expected = [f.to_json() for f in report(logdir) if f.run == "sick"]
+    assert expected, "the report found nothing: the sick run is not sick"
+    assert body["findings"] == json.loads(json.dumps(expected))
+    dead = [f for f in body["findings"] if f["issue"] == "dead_relu" and f["layer"] == h.DEAD_LAYER]
+    assert dead and dead[0]["severity"] == "warning" and dead[0]["first_step"] == 0
+    # the banner summary: one entry per kind, worst first
+    assert body["summary"][0]["issue"] == "dead_relu" and h.DEAD_LAYER in body["summary"][0]["layers"]
+    ranks = [("info", "warning", "error").index(e["severity"]) for e in body["summary"]]
+    assert ranks == sorted(ranks, reverse=True)
+    assert body["steps"] == {"count": 20, "first": 0, "last": 38}
+
+
+def test_healthy_run_has_no_findings(client):
+    body = get(client, P + "/findings?run=healthy")
+    assert body["findings"] == [] and body["worst"] is None
+
+
+def test_layer_table_in_model_order_with_flags(client, logdir):
+    body = get(client, P + "/layers?run=sick")
+    names = [row["name"] for row in body["layers"]]
+    assert names == ["conv1", "conv2", "fc1", "fc2"]
+    assert body["step"] == 38 and body["step_index"] == 19
+    conv2 = body["layers"][1]
+    assert conv2["type"] == "Conv2d" and conv2["params"] == 8 * 16 * 9 + 16
+    assert conv2["stats"]["dead_frac"] == 1.0
+    flag = next(f for f in conv2["flags"] if f["issue"] == "dead_relu")
+    # everything the tooltip needs: what was measured, the threshold, since when, what to try
+    assert flag["word"] == "dead" and flag["threshold"] == 0.5 and flag["first_step"] == 0
+    assert "dead_frac" in flag["statistic"] and "LeakyReLU" in flag["advice"] and flag["active"] is True
+    assert conv2["worst"] == "warning"
+    assert body["layers"][3]["flags"] == [] and body["layers"][3]["worst"] is None
+    assert "grad_rms" in body["key_stats"] and "dead_frac" in body["key_stats"]
+    assert "saturated_frac" not in body["key_stats"]  # no sigmoid/tanh in this model: column hidden
+    # the statistics are the ones stored: compare with the report's reader at the same step
+    run = next(r for r in load_logdir(logdir) if r.name == "sick")
+    t = int(np.flatnonzero(run.steps == 38)[0])
+    got = np.array([row["stats"]["grad_norm"] for row in body["layers"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, run.column("grad_norm")[t])
+
+
+def test_layer_table_at_an_earlier_step(client):
+    body = get(client, P + "/layers?run=sick&step=11")  # between logged steps 10 and 12
+    assert body["step"] == 10 and body["step_index"] == 5
+
+
+def test_series_of_the_sick_layer_with_threshold_lines(client):
+    body = get(client, P + f"/series?run=sick&layer={h.DEAD_LAYER}")
+    assert body["steps"] == list(range(0, 40, 2))
+    assert set(body["series"]) == set(schema.COLUMNS)
+    assert body["series"]["dead_frac"] == [1.0] * 20
+    assert body["thresholds"]["dead_frac"][0]["value"] == 0.5
+    grad_lines = {line["label"]: line for line in body["thresholds"]["grad_rms"]}
+    assert grad_lines["exploding_gradient"]["value"] == 10.0
+    assert len(next(line for line in grad_lines.values() if "values" in line)["values"]) == 20
+    assert any(f["issue"] == "dead_relu" for f in body["findings"])
+    only = get(client, P + f"/series?run=sick&layer={h.DEAD_LAYER}&stat=dead_frac&stat=grad_rms")
+    assert set(only["series"]) == {"dead_frac", "grad_rms"} and set(only["thresholds"]) <= {"dead_frac", "grad_rms"}
+
+
+def test_heatmap_is_every_layer_by_every_step(client, logdir):
+    body = get(client, P + "/heatmap?run=sick&stat=grad_norm")
+    assert body["scale"] == "log" and body["shape"] == [4, 20]
+    matrix = np.frombuffer(base64.b64decode(body["values"]), dtype="<f4").reshape(body["shape"])
+    run = next(r for r in load_logdir(logdir) if r.name == "sick")
+    np.testing.assert_array_equal(matrix, run.column("grad_norm").T)
+    assert body["flagged"][h.DEAD_LAYER]["worst"] == "warning"
+    assert "dead_relu" in body["flagged"][h.DEAD_LAYER]["issues"]
+
+
+def test_rules_table_and_threshold_overrides(client):
+    rules = {r["name"]: r for r in get(client, P + "/rules?threshold=dead_relu=0.7")["rules"]}
+    assert rules["dead_relu"]["threshold"] == 0.7 and rules["dead_relu"]["advice"]
+    # conv2 is 100% dead: a threshold above 100% silences it, everywhere the tab looks
+    quiet = "threshold=dead_relu=1.01"
+    assert not [f for f in get(client, P + f"/findings?run=sick&{quiet}")["findings"] if f["issue"] == "dead_relu"]
+    conv2 = get(client, P + f"/layers?run=sick&{quiet}")["layers"][1]
+    assert "dead_relu" not in [f["issue"] for f in conv2["flags"]]
+    # ...and its vanishing gradient, no longer explained by a dead layer, is a warning of its own
+    assert [f["severity"] for f in conv2["flags"] if f["issue"] == "vanishing_gradient"] == ["warning"]
+    assert get(client, P + f"/series?run=sick&layer=conv2&stat=dead_frac&{quiet}")["thresholds"]["dead_frac"][0][
+        "value"] == 1.01
+    # and the default comes back without the parameter (findings are cached per threshold setting)
+    assert any(f["issue"] == "dead_relu" for f in get(client, P + "/findings?run=sick")["findings"])
+
+
+@pytest.mark.parametrize("url, words", [
+    ("/findings", "missing required query parameter 'run'"),
+    ("/findings?run=", "missing required query parameter 'run'"),
+    ("/findings?run=nope", "no tbdiag data for run 'nope'"),
+    ("/findings?run=sick&threshold=dead_relu", "RULE=NUMBER"),
+    ("/findings?run=sick&threshold=bogus=1", "unknown rule 'bogus'"),
+    ("/findings?run=sick&threshold=dead_relu=abc", "must be a number"),
+    ("/findings?run=sick&threshold=dead_relu=nan", "finite"),
+    ("/findings?run=sick&threshold=dead_relu.persistence=0", "whole number"),
+    ("/layers?run=sick&step=abc", "must be an integer"),
+    ("/layers?run=sick&step=-5", "before the run's first logged step"),
+    ("/series?run=sick", "missing required query parameter 'layer'"),
+    ("/series?run=sick&layer=nope", "has no layer 'nope'"),
+    ("/series?run=sick&layer=conv2&stat=bogus", "unknown statistic 'bogus'"),
+    ("/heatmap?run=sick", "missing required query parameter 'stat'"),
+    ("/heatmap?run=sick&stat=bogus", "unknown statistic"),
+    ("/rules?threshold=frozen_layer.bogus=1", "unknown setting"),
+])
+def test_bad_parameters_answer_400_with_a_reason(client, url, words):
+    body = get(client, P + url, status=400)
+    assert words in body["error"]
+
+
+# ---------------------------------------------------------- NaN / Inf / cache
+
+
+def _write_steps(logdir: str, steps: range, layers: int = 3, bad: bool = True) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    table = schema.LayerTable(layers=[schema.LayerInfo(name=f"l{i}", type="Linear") for i in range(layers)])
+    w = SummaryWriter(logdir)
+    fw = w._get_file_writer()
+    fw.add_summary(schema.encode_layers(table), 0)
+    for step in steps:
+        stats = np.full((layers, len(schema.COLUMNS)), 0.5, dtype=np.float32)
+        if bad:
+            stats[0, schema.COLUMN_INDEX["grad_norm"]] = np.inf
+            stats[0, schema.COLUMN_INDEX["grad_rms"]] = -np.inf
+            stats[1, schema.COLUMN_INDEX["act_mean"]] = np.nan
+            stats[1, schema.COLUMN_INDEX["act_nonfinite"]] = 3
+        fw.add_summary(schema.encode_health(step - step % schema.STEPS_PER_TAG, stats), step)
+    w.close()
+
+
+def test_nonfinite_statistics_stay_valid_json(tmp_path):
+    _write_steps(str(tmp_path / "nan"), range(12))
+    client = Client(h.wsgi_app(str(tmp_path))[0])
+    found = get(client, P + "/findings?run=nan")["findings"]
+    assert any(f["issue"] == "nonfinite" for f in found)
+    row = get(client, P + "/layers?run=nan")["layers"][0]
+    assert row["stats"]["grad_norm"] == "Infinity" and row["stats"]["grad_rms"] == "-Infinity"
+    series = get(client, P + "/series?run=nan&layer=l1")
+    assert series["series"]["act_mean"] == ["NaN"] * 12
+    heat = get(client, P + "/heatmap?run=nan&stat=grad_norm")
+    assert np.isinf(np.frombuffer(base64.b64decode(heat["values"]), dtype="<f4")).sum() == 12
+
+
+def test_cache_reuses_decoded_runs_and_picks_up_new_steps(tmp_path):
+    from tb_plugin.run_source import RunSource
+    from tensorboard import context
+
+    run_dir = str(tmp_path / "growing")
+    _write_steps(run_dir, range(0, 20), bad=False)
+    _, ingester = h.wsgi_app(str(tmp_path))
+    source = RunSource(ingester.data_provider)
+    ctx = context.RequestContext()
+    first, v1 = source.run_data(ctx, "", "growing")
+    again, v2 = source.run_data(ctx, "", "growing")
+    assert again is first and v2 == v1, "an unchanged run must not be decoded again"
+    _, f1 = source.findings(ctx, "", "growing")
+    assert source.findings(ctx, "", "growing")[1] is f1
+    # training goes on: a new event file with later steps; TensorBoard reloads
+    _write_steps(run_dir, range(20, 35), bad=False)
+    ingester.deprecated_multiplexer.AddRunsFromDirectory(str(tmp_path))
+    ingester.deprecated_multiplexer.Reload()
+    grown, v3 = source.run_data(ctx, "", "growing")
+    assert v3 != v1 and grown.steps.tolist() == list(range(35))
+    assert source.findings(ctx, "", "growing")[1] is not f1
+    assert os.path.isdir(run_dir)
