@@ -22,7 +22,7 @@ from .query import BadRequest
 from .threshold_lines import threshold_lines
 
 #: Statistics the layer table shows as columns, in this order.
-KEY_STATS: tuple[str, ...] = ("grad_rms", "update_ratio", "dead_frac", "saturated_frac", "act_std", "weight_norm")
+KEY_STATS: tuple[str, ...] = ("grad_rms", "update_ratio", "dead_frac", "saturated_frac", "act_std")
 
 #: How the tab scales each statistic: "log" (spans decades: norms, ratios),
 #: "fraction" (0..1) or "linear".

@@ -24,6 +24,7 @@ import numpy as np
 
 DEAD_LAYER = "conv2"
 XSS_NAME = "<img src=x onerror=alert(1)>"
+XSS_RUN = "<img src=x onerror=alert(2)>"  # no "/" in it: a run name is a directory name
 
 
 # --------------------------------------------------------------------- runs
@@ -271,10 +272,14 @@ def session_logdir(tmp_path_factory, name: str, build) -> str:
 
 
 def build_trained_logdir(root: str) -> None:
-    """Three real runs: "sick" (dead conv2), "healthy", and "xss" (a layer named like an HTML payload)."""
+    """Two real runs: "sick" (conv2's ReLUs dead from the start) and "healthy"."""
     train_run(os.path.join(root, "sick"), dead=True)
     train_run(os.path.join(root, "healthy"), dead=False, seed=1)
-    train_run(os.path.join(root, "xss"), dead=True, xss_layer=True, steps=24)
+
+
+def build_xss_logdir(root: str) -> None:
+    """One real run whose run name and one layer name are HTML payloads (a dead conv2 too, so it is flagged)."""
+    train_run(os.path.join(root, XSS_RUN), dead=True, xss_layer=True, steps=12)
 
 
 def strict_json(text: str):
