@@ -3,10 +3,10 @@
     python examples/cnn_dead_relu.py            # writes runs/healthy and runs/dead_relu, prints the report
     tensorboard --logdir runs                   # then open the Diagnostics tab
 
-The CNN is the one of PyTorch's "Training a classifier" tutorial, with
-activations applied functionally (``F.relu(self.conv2(x))``).  The data are
-CIFAR-10-shaped images made of one smooth random pattern per class plus noise, so
-the task is learnable and nothing is downloaded.  In the sick run, conv2's
+The CNN (``seed_cnn.py``) is the one of PyTorch's "Training a classifier"
+tutorial, with activations applied functionally (``F.relu(self.conv2(x))``).
+The data are CIFAR-10-shaped images made of one smooth random pattern per
+class plus noise, so the task is learnable and nothing is downloaded.  In the sick run, conv2's
 bias is pushed to -20 at step 150: from then on every channel of conv2 is
 dead, and the report says so, naming the layer and the step.
 """
@@ -20,38 +20,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from seed_cnn import Net, synthetic_cifar
 
 from tbdiag import DiagnosticWriter
 from tbdiag.cli import main as tbdiag_main
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-
-def synthetic_cifar(n: int = 2048, seed: int = 0):
-    """CIFAR-10-shaped images: one smooth random pattern per class, plus noise (learnable, no download)."""
-    g = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(torch.randn(10, 3, 8, 8, generator=g), size=32, mode="bilinear", align_corners=False)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = 0.5 * patterns[y] + torch.randn(n, 3, 32, 32, generator=g)
-    return x, y
 
 
 def train(logdir: str, steps: int, log_every: int, inject_dead_at: int | None, batch: int = 64) -> None:

@@ -18,7 +18,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import schema
 from .rundata import RunData, json_number
 
 SEVERITIES = ("info", "warning", "error")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from tbdiag import DiagnosticWriter
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from seed_cnn import Net as SeedCNN  # noqa: E402  (examples/seed_cnn.py: the seed articles' CNN)
+
+from tbdiag import DiagnosticWriter  # noqa: E402
 
 LOG_EVERY = 5
 
@@ -47,27 +51,6 @@ def token_data(n: int, length: int = 12, vocab: int = 20, seed: int = 0, ragged:
 
 
 # ----------------------------------------------------------------- models
-
-
-class SeedCNN(nn.Module):
-    """The CNN of PyTorch's "Training a classifier" tutorial (CIFAR-10 shaped input), activations via F.relu."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 class MLP(nn.Module):
