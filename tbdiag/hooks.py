@@ -125,6 +125,8 @@ class _Pending:
     step: int
     parts: list[torch.Tensor] = field(default_factory=list)
     layout: list[tuple[str, Any]] = field(default_factory=list)
+    # histogram kind -> (sample lengths, numel / length), known on the host from shapes alone
+    hist_meta: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
     def add(self, kind: str, key: Any, tensor: torch.Tensor) -> None:
         self.parts.append(tensor)
@@ -277,7 +279,6 @@ class Watcher:
         return None
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any):
-        collecting = self._spy is not None
         self._end_forward()
         if not self._is_training_forward():
             return None
@@ -357,7 +358,9 @@ class Watcher:
                 return None
             self._busy = True
             try:
-                self._record_output(i, layer, args, out)
+                # our own reductions need not pass through the activation spy (a Python call per op)
+                with torch._C.DisableTorchFunction():
+                    self._record_output(i, layer, args, out)
             finally:
                 self._busy = False
             return None
@@ -437,18 +440,24 @@ class Watcher:
                 if grads:
                     pending.add("g_norm", with_grad, stats.norms(grads))
                 if update and self._prev_weights is not None and len(self._prev_weights) == len(with_grad):
-                    deltas = torch._foreach_sub([params[k].detach() for k in with_grad], self._prev_weights)
-                    pending.add("u_norm", with_grad, stats.norms(deltas))
                     pending.add("w0_norm", with_grad, stats.norms(self._prev_weights))
+                    # the copies are ours: subtract in place (no new buffer); |w0 - w1| == |w1 - w0|
+                    torch._foreach_sub_(self._prev_weights, [params[k].detach() for k in with_grad])
+                    pending.add("u_norm", with_grad, stats.norms(self._prev_weights))
                 self._prev_weights = None
+                # histograms: only the (sampled) values go to the host; binning happens on the writer thread
                 if self.histograms:
                     for kind, tensors, keys in (("p_hist", params, list(range(len(params)))),
                                                 ("g_hist", grads, with_grad)):
                         if tensors:
-                            pending.add(kind, keys, stats.histograms(tensors))
+                            flat, lengths, scales = stats.histogram_samples(tensors)
+                            pending.add(kind, keys, flat)
+                            pending.hist_meta[kind] = (lengths, scales)
                 act_src = [(k, t) for k, t in zip(pending.layout, pending.parts) if k[0] == "act_hist_src"]
                 if act_src:
-                    pending.add("a_hist", [k[1] for k, _ in act_src], stats.histograms([t for _, t in act_src]))
+                    flat, lengths, scales = stats.histogram_samples([t for _, t in act_src], sampled=True)
+                    pending.add("a_hist", [k[1] for k, _ in act_src], flat)
+                    pending.hist_meta["a_hist"] = (lengths, scales)
         finally:
             self._busy = False
 
@@ -462,7 +471,7 @@ class Watcher:
         items = [(k, v) for (k, _), v in zip(keep, host)]
         if not self._table_written:
             items = self._fix_order(items)
-        data = {"step": pending.step, "items": items}
+        data = {"step": pending.step, "items": items, "hist_meta": pending.hist_meta}
         # Exact NaN/Inf counts only where a norm says there are some: never on a healthy step.
         data["nonfinite"] = self._count_nonfinite(data["items"])
         data["lrs"] = [float(g.get("lr", float("nan"))) for g in self.optimizer.param_groups] if self.optimizer else []
@@ -498,7 +507,7 @@ class Watcher:
         g_norm = np.full(n_params, np.nan)
         u_norm = np.full(n_params, np.nan)
         w0_norm = np.full(n_params, np.nan)
-        extras: dict[str, Any] = {"histograms": [], "images": [], "scalars": []}
+        extras: dict[str, Any] = {"histograms": [], "histogram_samples": [], "images": [], "scalars": []}
         for (kind, key), value in data["items"]:
             if kind == "act":
                 health[key, col["act_mean"]], health[key, col["act_std"]], health[key, col["act_nonfinite"]] = value
@@ -515,13 +524,14 @@ class Watcher:
             elif kind == "w0_norm":
                 w0_norm[key] = value
             elif kind in ("p_hist", "g_hist"):
+                # (tags, samples, lengths, scales, numels): binned on the writer thread (stats.host_histograms)
                 prefix = "params/" if kind == "p_hist" else "grads/"
-                for k, row in zip(key, value):
-                    p = self._param_index[k][1]
-                    extras["histograms"].append((prefix + self._param_index[k][2], row, p.numel()))
+                tags = [prefix + self._param_index[k][2] for k in key]
+                numels = [self._param_index[k][1].numel() for k in key]
+                extras["histogram_samples"].append((tags, value, *data["hist_meta"][kind], numels))
             elif kind == "a_hist":
-                for i, row in zip(key, value):
-                    extras["histograms"].append((f"activations/{self.layers[i].name}", row, None))
+                tags = [f"activations/{self.layers[i].name}" for i in key]
+                extras["histogram_samples"].append((tags, value, *data["hist_meta"][kind], [None] * len(key)))
             elif kind == "image":
                 extras["images"].append((f"images/{self.layers[key].name}", value))
         nonfinite = data["nonfinite"]

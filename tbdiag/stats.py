@@ -8,6 +8,7 @@ Nothing here modifies its inputs or draws random numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -21,19 +22,32 @@ SATURATION_MARGIN = 0.01
 #: 30 buckets, so more bins cost bytes without changing the picture.
 HISTOGRAM_BINS = 30
 
-#: Tensors larger than this are histogrammed from a fixed, scattered subset of
-#: this many elements (see `sample_indices`).  Only histograms use the subset;
-#: the health statistics always read every element.
-HISTOGRAM_SAMPLE = 1 << 16
+#: Tensors larger than this are histogrammed from a fixed, evenly spread subset
+#: of at most this many elements (see `sample_stride`).  Only histograms use the
+#: subset; the health statistics always read every element.  Measured error
+#: (tests/test_histogram_accuracy.py): every bin's share of the tensor differs
+#: from the exact share, over the same bin edges, by at most
+#: `HISTOGRAM_SHARE_ERROR`; the sampled range lies inside the exact one.
+HISTOGRAM_SAMPLE = 1 << 13
+
+#: The bound asserted by tests/test_histogram_accuracy.py on Gaussian, uniform,
+#: heavy-tailed (Student t, df=2), sparse (90% zeros) and row-structured tensors
+#: of 10^4 to 4*10^6 elements: max over bins of |sampled share - exact share|.
+HISTOGRAM_SHARE_ERROR = 0.02
 
 _INDEX_CACHE: dict[tuple[int, str], torch.Tensor] = {}
-# A prime larger than any tensor we sample, so i * _STRIDE_PRIME mod n visits
-# positions spread over the whole tensor and never lines up with a row length.
-_STRIDE_PRIME = 2_147_483_647
 
 
 def activation_stats(out: torch.Tensor) -> torch.Tensor:
-    """``[mean, std, nonfinite count]`` of a layer output (float32, on its device)."""
+    """``[mean, std, nonfinite count]`` of a layer output (float32, on its device).
+
+    The standard deviation is the population one (``correction=0``), computed in
+    two vectorised passes (mean, then the norm of the deviations), which is as
+    exact as a one-pass Welford ``std_mean`` and an order of magnitude faster
+    on CPUs.  The NaN/Inf count is exact; on the CPU it is skipped when the
+    mean is finite, which proves there is no NaN or Inf to count (reading a CPU
+    value is no device synchronisation; on other devices it is always counted).
+    """
     x = out.detach()
     if not x.is_floating_point():
         x = x.float()
@@ -41,8 +55,12 @@ def activation_stats(out: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return torch.full((3,), float("nan"), device=x.device)
     x32 = x.float() if x.dtype != torch.float32 else x
-    std, mean = torch.std_mean(x32, correction=0) if n > 1 else (torch.zeros((), device=x.device), x32.mean())
-    nonfinite = (n - torch.isfinite(x32).sum()).to(torch.float32)
+    mean = x32.mean()
+    std = torch.linalg.vector_norm(x32 - mean) / math.sqrt(n) if n > 1 else torch.zeros((), device=x.device)
+    if x32.device.type == "cpu" and bool(torch.isfinite(mean)):
+        nonfinite = torch.zeros((), device=x.device)
+    else:
+        nonfinite = (n - torch.isfinite(x32).sum()).to(torch.float32)
     return torch.stack([mean, std, nonfinite]).float()
 
 
@@ -57,16 +75,18 @@ def dead_fraction(y: torch.Tensor, dim: int) -> torch.Tensor:
     """Fraction of units along ``dim`` whose ReLU output is <= 0 for every element of the batch.
 
     ``y`` is the activation's output (or its input: ``relu(x) == 0`` exactly
-    when ``x <= 0``).  NaN elements do not count as dead.
+    when ``x <= 0``).  NaN elements do not count as dead.  One reduction: a
+    unit is dead when its maximum is <= 0, and ``amax`` propagates NaN, which
+    compares False.
     """
     x = y.detach()
     if x.numel() == 0:
         return torch.tensor(float("nan"), device=x.device)
     if x.dim() == 0:
         x = x.reshape(1)
-    units = x.movedim(dim, 0).reshape(x.shape[dim], -1)
-    alive = (units > 0) | torch.isnan(units)
-    return (~alive.any(dim=1)).float().mean()
+    others = [d for d in range(x.dim()) if d != dim]
+    unit_max = x.amax(dim=others) if others else x
+    return (unit_max <= 0).float().mean()
 
 
 def saturated_fraction(y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -95,30 +115,43 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([(t.numel() - torch.isfinite(t.detach()).sum()).float() for t in tensors])
 
 
-def sample_indices(numel: int, device: torch.device) -> torch.Tensor | None:
-    """Deterministic scattered positions for histogramming a large tensor (None: use all).
+def sample_stride(numel: int) -> int | None:
+    """Step between the histogrammed elements of a flattened tensor (None: histogram all).
 
-    Position ``i`` is ``i * p mod numel`` for a large prime ``p``: spread over
-    the whole tensor without lining up with rows or channels, identical at
-    every step, and drawn without touching any random number generator.
+    The smallest step ``s >= numel / HISTOGRAM_SAMPLE`` that shares no factor
+    with ``numel``: elements ``0, s, 2s, ...`` are spread evenly over the whole
+    tensor, and since ``s`` is coprime with every row length (each divides
+    ``numel``) they walk through every column instead of lining up with one.
+    A strided view: one copy, no index tensor, no random numbers, identical at
+    every step.
     """
     if numel <= HISTOGRAM_SAMPLE:
+        return None
+    step = -(-numel // HISTOGRAM_SAMPLE)
+    while math.gcd(step, numel) != 1:
+        step += 1
+    return step
+
+
+def sample_indices(numel: int, device: torch.device) -> torch.Tensor | None:
+    """Positions `histogram_sample` reads from a tensor of ``numel`` elements (None: all of them)."""
+    step = sample_stride(numel)
+    if step is None:
         return None
     key = (numel, str(device))
     idx = _INDEX_CACHE.get(key)
     if idx is None:
-        i = torch.arange(HISTOGRAM_SAMPLE, dtype=torch.int64)
-        idx = ((i * _STRIDE_PRIME) % numel).to(device)
+        idx = torch.arange(0, numel, step, dtype=torch.int64).to(device)
         _INDEX_CACHE[key] = idx
     return idx
 
 
 def histogram_sample(t: torch.Tensor) -> torch.Tensor:
-    """The float32 values a histogram of ``t`` is computed from (all, or the fixed subset)."""
+    """The float32 values a histogram of ``t`` is computed from (all, or the fixed subset); always a copy."""
     flat = t.detach().reshape(-1)
-    idx = sample_indices(flat.numel(), flat.device)
-    if idx is not None:
-        return flat.index_select(0, idx).float()
+    step = sample_stride(flat.numel())
+    if step is not None:
+        flat = flat[::step]
     # Always a copy: the caller may keep it while an in-place op (ReLU(inplace=True)) rewrites ``t``.
     return flat.to(torch.float32, copy=True)
 
@@ -153,6 +186,84 @@ def histograms(tensors: Sequence[torch.Tensor], bins: int = HISTOGRAM_BINS) -> t
     counts = torch.zeros(len(samples) * bins, device=device)
     counts.index_add_(0, pos, finite.float())
     return torch.cat([lo[:, None], hi[:, None], scale[:, None], counts.view(len(samples), bins)], dim=1)
+
+
+def histogram_samples(
+    tensors: Sequence[torch.Tensor], sampled: bool = False
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """The values `histograms` would bin, for many tensors, gathered into one float32 device buffer.
+
+    Returns ``(flat, lengths, scales)``: the concatenated samples (all values,
+    or `sample_indices`' fixed subset of a large tensor), each tensor's sample
+    length, and its ``numel / length``.  Lengths and scales come from shapes
+    alone, so they are known on the host without reading the device.  With
+    ``sampled=True`` the tensors are already samples (`histogram_sample`) and
+    are only concatenated.  Bin with `host_histograms` once ``flat`` is on the
+    host: the device does one strided copy per tensor and no reductions.
+    """
+    if not tensors:
+        return torch.zeros(0), [], []
+    device = tensors[0].device
+    lengths, scales, sources = [], [], []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = None if sampled else sample_stride(flat.numel())
+        if step is not None:
+            flat = flat[::step]
+        lengths.append(flat.numel())
+        scales.append(t.numel() / max(1, flat.numel()))
+        sources.append(flat)
+    out = torch.empty(sum(lengths), dtype=torch.float32, device=device)
+    offset = 0
+    for flat, n in zip(sources, lengths):
+        out[offset : offset + n].copy_(flat)
+        offset += n
+    return out, lengths, scales
+
+
+def host_histograms(
+    flat: np.ndarray, lengths: Sequence[int], scales: Sequence[float], bins: int = HISTOGRAM_BINS
+) -> np.ndarray:
+    """`histograms` computed on the host from `histogram_samples`' output (same float32 arithmetic, same rows).
+
+    Returns ``[len(lengths), 3 + bins]`` float32: ``min, max, scale, counts...``.
+    """
+    n = len(lengths)
+    out = np.zeros((n, 3 + bins), dtype=np.float32)
+    if n == 0:
+        return out
+    flat = np.asarray(flat, dtype=np.float32).reshape(-1)
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths_a)[:-1]])
+    nonempty = lengths_a > 0
+    finite = np.isfinite(flat)
+    all_finite = bool(finite.all())
+    big = np.finfo(np.float32).max
+    lo = np.full(n, big, dtype=np.float32)
+    hi = np.full(n, -big, dtype=np.float32)
+    if nonempty.any() and flat.size:
+        at = starts[nonempty]
+        lo[nonempty] = np.minimum.reduceat(flat if all_finite else np.where(finite, flat, big), at)
+        hi[nonempty] = np.maximum.reduceat(flat if all_finite else np.where(finite, flat, -big), at)
+    empty = lo > hi
+    lo[empty] = np.nan
+    hi[empty] = np.nan
+    width = np.maximum(hi - lo, np.finfo(np.float32).tiny)
+    nb = np.float32(bins)
+    counts = out[:, 3:]
+    for i in np.flatnonzero(nonempty & ~empty):
+        x = flat[starts[i] : starts[i] + lengths_a[i]]
+        # floor((x - lo) / width * bins) clamped to [0, bins - 1], as `histograms` computes it on the device;
+        # clamping first and truncating gives the same integer for every finite x
+        pos = (x - lo[i]) / width[i] * nb
+        if not all_finite:
+            pos = pos[np.isfinite(x)]
+        np.clip(pos, 0, bins - 1, out=pos)
+        counts[i] = np.bincount(pos.astype(np.intp), minlength=bins)
+    out[:, 0] = lo
+    out[:, 1] = hi
+    out[:, 2] = np.asarray(scales, dtype=np.float32)
+    return out
 
 
 def feature_grid(out: torch.Tensor, max_channels: int = 16, size: int = 32) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_histograms_exact_for_small_tensors():
 
 def test_sample_indices_are_deterministic_and_spread():
     idx = stats.sample_indices(1_000_003, torch.device("cpu"))
-    assert idx is not None and len(idx) == stats.HISTOGRAM_SAMPLE
+    assert idx is not None and stats.HISTOGRAM_SAMPLE // 2 <= len(idx) <= stats.HISTOGRAM_SAMPLE
     assert torch.equal(idx, stats.sample_indices(1_000_003, torch.device("cpu")))
     assert len(torch.unique(idx)) == len(idx)
     # hits every tenth of the tensor about equally
