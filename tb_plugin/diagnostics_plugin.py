@@ -127,29 +127,28 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     @_json_route
     def findings_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
         run = query.required(args, "run")
-        data, found = self._source.findings(ctx, experiment, run, query.thresholds(args))
-        return payloads.findings_payload(data, found)
+        view = self._source.view(ctx, experiment, run, query.thresholds(args))
+        return payloads.findings_payload(view)
 
     @_json_route
     def layers_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
         run = query.required(args, "run")
         step = query.optional_int(args, "step")
-        thresholds = query.thresholds(args)
-        data, found = self._source.findings(ctx, experiment, run, thresholds)
-        return payloads.layers_payload(data, found, step)
+        view = self._source.view(ctx, experiment, run, query.thresholds(args))
+        return payloads.layers_payload(view, step)
 
     @_json_route
     def series_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
         run = query.required(args, "run")
         layer = query.required(args, "layer")
-        stats = [query.statistic({"stat": s}) for s in args.getlist("stat")] if hasattr(args, "getlist") else None
+        stats = [query.statistic({"stat": s}) for s in args.getlist("stat")]
         thresholds = query.thresholds(args)
-        data, found = self._source.findings(ctx, experiment, run, thresholds)
-        return payloads.series_payload(data, found, layer, rules.resolve(thresholds), stats or None)
+        view = self._source.view(ctx, experiment, run, thresholds)
+        return payloads.series_payload(view, layer, rules.resolve(thresholds), stats or None)
 
     @_json_route
     def heatmap_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
         run = query.required(args, "run")
         stat = query.statistic(args)
-        data, found = self._source.findings(ctx, experiment, run, query.thresholds(args))
-        return payloads.heatmap_payload(data, found, stat)
+        view = self._source.view(ctx, experiment, run, query.thresholds(args))
+        return payloads.heatmap_payload(view, stat)

@@ -19,6 +19,7 @@ from tbdiag import rules, schema
 from tbdiag.rundata import RunData, json_number
 
 from .query import BadRequest
+from .run_source import RunView
 from .threshold_lines import threshold_lines
 
 #: Statistics the layer table shows as columns, in this order.
@@ -124,7 +125,8 @@ def summary(findings: Sequence[rules.Finding]) -> list[dict[str, Any]]:
     return out
 
 
-def findings_payload(data: RunData, findings: Sequence[rules.Finding]) -> dict[str, Any]:
+def findings_payload(view: RunView) -> dict[str, Any]:
+    data, findings = view.data, view.findings
     counts = Counter(f.severity for f in findings)
     return {
         "run": data.name,
@@ -160,13 +162,23 @@ def _flag_json(f: rules.Finding, at_step: int) -> dict[str, Any]:
     return out
 
 
-def layers_payload(data: RunData, findings: Sequence[rules.Finding], step: int | None) -> dict[str, Any]:
+def _measured(view: RunView) -> np.ndarray:
+    """Which columns hold any finite value in the run (memoised: a full scan of a big run is ~50 MB)."""
+    if "measured" not in view.memo:
+        view.memo["measured"] = np.array(
+            [np.isfinite(view.data.stats[:, :, c]).any() for c in range(len(schema.COLUMNS))], dtype=bool
+        )
+    return view.memo["measured"]
+
+
+def layers_payload(view: RunView, step: int | None) -> dict[str, Any]:
     """The per-layer health table at one logged step, in model order."""
+    data, findings = view.data, view.findings
     t = step_index(data, step)
     at = int(data.steps[t])
     flags = _flags_by_layer(findings)
     stats_now = data.stats[t]  # [layers, columns]
-    has_data = np.isfinite(data.stats).any(axis=(0, 1))  # columns measured at all in this run
+    has_data = _measured(view)  # columns measured at all in this run
     rows = []
     for i, info in enumerate(data.table.layers):
         own = flags.get(info.name, [])
@@ -199,10 +211,10 @@ def steps_payload(data: RunData) -> dict[str, Any]:
 
 
 def series_payload(
-    data: RunData, findings: Sequence[rules.Finding], layer: str, resolved: dict[str, rules.Rule],
-    stats: Sequence[str] | None = None,
+    view: RunView, layer: str, resolved: dict[str, rules.Rule], stats: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Every statistic of one layer over all logged steps, with the threshold lines to draw."""
+    data, findings = view.data, view.findings
     i = layer_index(data, layer)
     info = data.table.layers[i]
     names = list(stats) if stats else list(schema.COLUMNS)
@@ -222,18 +234,29 @@ def series_payload(
     }
 
 
-def heatmap_payload(data: RunData, findings: Sequence[rules.Finding], stat: str) -> dict[str, Any]:
+def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
     """One statistic for every layer x every logged step, as packed float32.
 
     500 layers x 2,000 steps is a million numbers: as a JSON list that is
     ~20 MB and seconds to encode and parse; packed little-endian float32 in
-    base64 it is 5 MB, encoded in milliseconds, and the tab reads it straight
-    into a Float32Array.  NaN (not measured) stays NaN in the array.
+    base64 it is 5 MB, encoded in milliseconds (and memoised per statistic),
+    and the tab reads it straight into a Float32Array.  NaN (not measured)
+    stays NaN in the array.
     """
-    matrix = np.ascontiguousarray(data.stats[:, :, schema.COLUMN_INDEX[stat]].T, dtype="<f4")  # [layers, steps]
-    finite = matrix[np.isfinite(matrix)]
-    if STAT_SCALES[stat] == "log":
-        finite = finite[finite > 0]
+    data, findings = view.data, view.findings
+    key = ("heatmap", stat)
+    if key not in view.memo:
+        matrix = np.ascontiguousarray(data.stats[:, :, schema.COLUMN_INDEX[stat]].T, dtype="<f4")  # [layers, steps]
+        finite = matrix[np.isfinite(matrix)]
+        if STAT_SCALES[stat] == "log":
+            finite = finite[finite > 0]
+        view.memo[key] = {
+            "shape": list(matrix.shape),
+            "values": base64.b64encode(matrix.tobytes()).decode("ascii"),
+            "min": json_number(float(finite.min())) if finite.size else None,
+            "max": json_number(float(finite.max())) if finite.size else None,
+        }
+    packed = view.memo[key]
     flags = _flags_by_layer(findings)
     return {
         "run": data.name,
@@ -242,11 +265,11 @@ def heatmap_payload(data: RunData, findings: Sequence[rules.Finding], stat: str)
         "scale": STAT_SCALES[stat],
         "layers": data.layer_names,
         "steps": data.steps.tolist(),
-        "shape": list(matrix.shape),
+        "shape": packed["shape"],
         "encoding": "float32-le-base64",
-        "values": base64.b64encode(matrix.tobytes()).decode("ascii"),
-        "min": json_number(float(finite.min())) if finite.size else None,
-        "max": json_number(float(finite.max())) if finite.size else None,
+        "values": packed["values"],
+        "min": packed["min"],
+        "max": packed["max"],
         "flagged": {
             name: {"worst": rules.worst(fs), "issues": sorted({f.issue for f in fs}),
                    "first_step": min(f.first_step for f in fs)}

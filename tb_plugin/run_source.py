@@ -40,6 +40,21 @@ READ_ALL = 1_000_000
 DEFAULT_MAX_RUNS = 8
 
 
+@dataclass
+class RunView:
+    """What a route needs about one run: its data, its findings, and per-version memos.
+
+    ``memo`` holds derived values that are costly on big runs (which columns
+    were measured at all, the packed heatmap of a statistic); it lives exactly
+    as long as this version of the run's data.
+    """
+
+    data: RunData
+    findings: list[rules.Finding]
+    version: int
+    memo: dict[Hashable, Any]
+
+
 class UnknownRunError(KeyError):
     """The requested run has no tbdiag data (a bad ``run`` parameter)."""
 
@@ -57,6 +72,7 @@ class _RunEntry:
     data: RunData | None = None
     version: int = 0
     findings: dict[Hashable, list[rules.Finding]] = field(default_factory=dict)
+    memo: dict[Hashable, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -111,10 +127,8 @@ class RunSource:
             assert entry.data is not None
             return entry.data, entry.version
 
-    def findings(
-        self, ctx: Any, experiment: str, run: str, thresholds: Mapping[str, float] | None = None
-    ) -> tuple[RunData, list[rules.Finding]]:
-        """The run's findings under ``thresholds`` (validated by the caller), cached until new data."""
+    def view(self, ctx: Any, experiment: str, run: str, thresholds: Mapping[str, float] | None = None) -> RunView:
+        """The run's data and its findings under ``thresholds`` (validated by the caller), cached until new data."""
         entry = self._entry(experiment, run)
         with entry.lock:
             self._refresh(ctx, experiment, run, entry)
@@ -126,7 +140,7 @@ class RunSource:
                 if len(entry.findings) >= 16:  # a user trying many thresholds: keep memory bounded
                     entry.findings.pop(next(iter(entry.findings)))
                 entry.findings[key] = found
-            return entry.data, found
+            return RunView(data=entry.data, findings=found, version=entry.version, memo=entry.memo)
 
     # ------------------------------------------------------------- internals
 
@@ -205,6 +219,7 @@ class RunSource:
             entry.data = RunData.from_samples(run, table, samples, entry.losses)
             entry.version += 1
             entry.findings.clear()
+            entry.memo = {}
 
     def _read_table(self, ctx: Any, experiment: str, run: str) -> schema.LayerTable | None:
         read = self._provider.read_tensors(

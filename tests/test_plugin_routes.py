@@ -248,13 +248,13 @@ def test_cache_reuses_decoded_runs_and_picks_up_new_steps(tmp_path):
     first, v1 = source.run_data(ctx, "", "growing")
     again, v2 = source.run_data(ctx, "", "growing")
     assert again is first and v2 == v1, "an unchanged run must not be decoded again"
-    _, f1 = source.findings(ctx, "", "growing")
-    assert source.findings(ctx, "", "growing")[1] is f1
+    f1 = source.view(ctx, "", "growing").findings
+    assert source.view(ctx, "", "growing").findings is f1
     # training goes on: a new event file with later steps; TensorBoard reloads
     _write_steps(run_dir, range(20, 35), bad=False)
     ingester.deprecated_multiplexer.AddRunsFromDirectory(str(tmp_path))
     ingester.deprecated_multiplexer.Reload()
     grown, v3 = source.run_data(ctx, "", "growing")
     assert v3 != v1 and grown.steps.tolist() == list(range(35))
-    assert source.findings(ctx, "", "growing")[1] is not f1
+    assert source.view(ctx, "", "growing").findings is not f1
     assert os.path.isdir(run_dir)
