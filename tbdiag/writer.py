@@ -53,6 +53,7 @@ class DiagnosticWriter(SummaryWriter):
         self._errors: list[BaseException] = []
         self._chunk_first: int | None = None
         self._chunk_count = 0
+        self._health_tag_written: tuple[Any, int] | None = None
 
     def _get_file_writer(self):
         """The event file writer, with TensorBoard's record writer swapped for one with a C CRC32C.
@@ -174,7 +175,12 @@ class DiagnosticWriter(SummaryWriter):
         self._enqueue(lambda: self._write_step(step, tag_step, health, extras))
 
     def _write_step(self, step: int, tag_step: int, health: np.ndarray, extras: dict) -> None:
-        self._add(schema.encode_health(tag_step, health), step)
+        # metadata on the first value of each health tag in this writer's file only (see encode_health)
+        file_writer = self._get_file_writer()
+        last = self._health_tag_written
+        first_of_tag = last is None or last[0] is not file_writer or last[1] != tag_step
+        self._health_tag_written = (file_writer, tag_step)
+        self._add(schema.encode_health(tag_step, health, with_metadata=first_of_tag), step)
         for tag, value in extras["scalars"]:
             self.add_scalar(tag, value, step)
         for tag, row, numel in extras["histograms"]:
