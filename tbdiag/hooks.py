@@ -186,6 +186,7 @@ class Watcher:
         self._producers: dict[tuple[str, int], int] = {}
         self._act_stack: list[int] = []
         self._act_seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._dead_history: dict[int, list[torch.Tensor]] = {}  # last two logged dead-unit masks per layer
         self._recorded: set[int] = set()
         self._prev_weight_norms: np.ndarray | None = None
         self._prev_weights: list[torch.Tensor] | None = None
@@ -398,20 +399,21 @@ class Watcher:
         target = self._producers.get(_storage_key(x))
         if target is None and self._act_stack:
             target = self._act_stack[-1]
-        if target is None or self._pending is None:
+        if target is None or self._pending is None or out.numel() == 0:
             return
         self._busy = True
         try:
             layer = self.layers[target]
-            if kind == "relu":
-                value = stats.dead_fraction(out, stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4))
-            else:
+            if kind == "relu":  # per-unit mask; several calls in one forward: dead only if dead in all
+                value = stats.dead_units(out, stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4))
+            else:  # several calls (shared module, recurrent loop): the worst one counts
                 value = stats.saturated_fraction(out, kind)
             prev = self._act_seen.get(target)
-            if prev is None or prev[0] != kind:
+            if prev is None or prev[0] != kind or prev[1].shape != value.shape:
                 self._act_seen[target] = (kind, value)
-            else:  # several calls (shared module, recurrent loop): the worst one counts
-                self._act_seen[target] = (kind, torch.maximum(prev[1], value))
+            else:
+                merged = prev[1] & value if kind == "relu" else torch.maximum(prev[1], value)
+                self._act_seen[target] = (kind, merged)
         finally:
             self._busy = False
 
@@ -419,7 +421,16 @@ class Watcher:
         if self._pending is None:
             return
         for i, (kind, value) in self._act_seen.items():
-            self._pending.add("dead" if kind == "relu" else "sat", i, value.reshape(1))
+            if kind == "relu":
+                # dead in this batch and in the previous two logged batches (same units)
+                history = [m for m in self._dead_history.get(i, []) if m.shape == value.shape]
+                persist = value
+                for mask in history:
+                    persist = persist & mask
+                self._dead_history[i] = ([value] + history)[:2]
+                self._pending.add("dead", i, torch.stack([value.float().mean(), persist.float().mean()]))
+            else:
+                self._pending.add("sat", i, value.reshape(1))
             if not self._table_written and not self.layers[i].info.activation:
                 self.layers[i].info.activation = kind
         self._act_seen.clear()
@@ -512,7 +523,7 @@ class Watcher:
             if kind == "act":
                 health[key, col["act_mean"]], health[key, col["act_std"]], health[key, col["act_nonfinite"]] = value
             elif kind == "dead":
-                health[key, col["dead_frac"]] = value[0]
+                health[key, col["dead_frac"]], health[key, col["dead_persist_frac"]] = value
             elif kind == "sat":
                 health[key, col["saturated_frac"]] = value[0]
             elif kind == "w_norm":
@@ -579,6 +590,7 @@ class Watcher:
         old_to_new = [position[id(l)] for l in self.layers]
         self.layers = new_order
         self._param_index = [(old_to_new[li], p, name) for li, p, name in self._param_index]
+        self._dead_history = {old_to_new[i]: masks for i, masks in self._dead_history.items()}
         layer_keyed = {"act", "dead", "sat", "image"}
         out = []
         for (kind, key), value in items:

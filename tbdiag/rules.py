@@ -127,9 +127,10 @@ RULES: tuple[Rule, ...] = (
     Rule(
         name="loss_plateau",
         statistic="a loss scalar (smoothed by a rolling median of 5): best improvement over its starting value",
-        threshold=0.01, persistence=20, severity="warning",
+        threshold=0.005, persistence=20, severity="warning",
         source="SageMaker Debugger LossNotDecreasing rule (minimum relative decrease over a window of steps)",
-        why="A loss that has not moved by 1% over the whole run means nothing is being learned.",
+        why="A loss that has not moved by half a percent over the whole run means nothing is being learned; "
+            "a slow but healthy run moves more than that.",
         advice="Check that the optimizer holds the model's parameters and the learning rate is not ~0; look for "
                "dead or frozen layers above; overfit one batch to test the pipeline.",
     ),
@@ -244,7 +245,7 @@ def rolling_median(values: np.ndarray, window: int = 5) -> np.ndarray:
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
+    return f"{100 * x:.0f}%" if x == 0 or abs(x) >= 0.01 else f"{100 * x:.1g}%"
 
 
 def _layer_finding(
@@ -300,14 +301,26 @@ def _per_layer(
 
 def _dead_relu(run: RunData, rule: Rule) -> list[Finding]:
     dead = run.column("dead_frac")
+    persist = run.column("dead_persist_frac")
     with np.errstate(invalid="ignore"):
-        mask = dead >= rule.threshold
-    return _per_layer(
-        run, rule, dead, mask,
-        lambda name, v, since: f"{name}: {_pct(v)} of its ReLU units never fire over a batch, since step {since} "
-        f"(threshold {_pct(rule.threshold)})",
-        rule.threshold,
-    )
+        raw = dead >= rule.threshold
+        # the same units dead over the logged batches of the streak (falls back to the raw fraction
+        # where the writer did not record it)
+        confirmed = np.where(np.isfinite(persist), persist >= rule.threshold, raw)
+    valid = np.isfinite(dead)
+    out = []
+    for i in range(dead.shape[1]):
+        need = max(1, min(rule.persistence, int(np.count_nonzero(valid[:, i]))))
+        spans = [(a, b) for a, b in persistent(raw[:, i], valid[:, i], rule.persistence)
+                 if confirmed[a + need - 1 : b, i].any()]
+        if not spans:
+            continue
+        last = spans[-1][1] - 1
+        name = run.table.layers[i].name
+        msg = (f"{name}: {_pct(float(dead[last, i]))} of its ReLU units never fire over a batch, since step "
+               f"{int(run.steps[spans[0][0]])} (threshold {_pct(rule.threshold)})")
+        out.append(_layer_finding(run, rule, i, spans, dead[:, i], msg, rule.threshold))
+    return out
 
 
 def _vanishing(run: RunData, rule: Rule) -> list[Finding]:

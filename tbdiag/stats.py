@@ -79,21 +79,31 @@ def dead_fraction(y: torch.Tensor, dim: int) -> torch.Tensor:
     unit is dead when its maximum is <= 0, and ``amax`` propagates NaN, which
     compares False.
     """
+    if y.numel() == 0:
+        return torch.tensor(float("nan"), device=y.device)
+    return dead_units(y, dim).float().mean()
+
+
+def dead_units(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """Boolean mask over the units along ``dim``: True where the ReLU output is <= 0 for the whole batch.
+
+    The watcher ANDs the masks of consecutive logging steps: a unit that has
+    not fired in three logged batches is dead with far more confidence than
+    one silent over a single small batch.
+    """
     x = y.detach()
-    if x.numel() == 0:
-        return torch.tensor(float("nan"), device=x.device)
     if x.dim() == 0:
         x = x.reshape(1)
     others = [d for d in range(x.dim()) if d != dim]
     unit_max = x.amax(dim=others) if others else x
-    return (unit_max <= 0).float().mean()
+    return unit_max <= 0
 
 
 def saturated_fraction(y: torch.Tensor, kind: str) -> torch.Tensor:
     """Fraction of sigmoid (``kind="sigmoid"``) or tanh outputs within 1% of their bounds."""
     x = y.detach().float()
     if x.numel() == 0:
-        return torch.tensor(float("nan"), device=x.device)
+        return torch.full((), float("nan"), device=x.device)
     if kind == "sigmoid":
         sat = (x < SATURATION_MARGIN) | (x > 1 - SATURATION_MARGIN)
     elif kind == "tanh":
@@ -287,6 +297,10 @@ def to_host(parts: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """Copy many device tensors to the host in one transfer; returns numpy arrays shaped as given."""
     if not parts:
         return []
+    if all(p.device.type == "cpu" for p in parts):
+        # already on the host: nothing to batch, so no concatenating copy (the arrays may share memory
+        # with ``parts``, which are freshly computed results nobody writes to afterwards)
+        return [p.detach().to(torch.float32).numpy().reshape(tuple(p.shape)) for p in parts]
     flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in parts])
     host = flat.cpu().numpy()
     out, offset = [], 0

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from seed_cnn import Net as SeedCNN  # noqa: E402  (examples/seed_cnn.py: the seed articles' CNN)
+from seed_cnn import synthetic_cifar  # noqa: E402
 
 from tbdiag import DiagnosticWriter  # noqa: E402
 
@@ -187,7 +188,7 @@ def _dead_functional(logdir: str) -> None:
     model = SeedCNN()
     with torch.no_grad():
         model.conv2.bias.fill_(-20.0)  # behind F.relu(self.conv2(x))
-    train(logdir, model, teacher_data(512, (3, 32, 32)), lr=0.01)
+    train(logdir, model, synthetic_cifar(512), lr=0.01)
 
 
 def _dead_inplace(logdir: str) -> None:
@@ -231,7 +232,7 @@ def _saturated(logdir: str) -> None:
 
 def _nan_input(logdir: str) -> None:
     torch.manual_seed(8)
-    train(logdir, SeedCNN(), teacher_data(512, (3, 32, 32)), lr=0.01, corrupt_at=23, steps=40)
+    train(logdir, SeedCNN(), synthetic_cifar(512), lr=0.01, corrupt_at=23, steps=40)
 
 
 def _frozen(logdir: str) -> None:
@@ -244,7 +245,13 @@ def _frozen(logdir: str) -> None:
 
 def _healthy_cnn(logdir: str) -> None:
     torch.manual_seed(10)
-    train(logdir, SeedCNN(), teacher_data(512, (3, 32, 32)), lr=0.01)
+    train(logdir, SeedCNN(), synthetic_cifar(512), lr=0.01)
+
+
+def _healthy_cnn_batch4(logdir: str) -> None:
+    # the tutorial's batch of 4: many fc units are silent over 4 samples by chance, without being dead
+    torch.manual_seed(16)
+    train(logdir, SeedCNN(), synthetic_cifar(512), lr=0.001, batch=4, steps=120)
 
 
 def _healthy_resnet(logdir: str) -> None:
@@ -284,7 +291,7 @@ def _healthy_finetune(logdir: str) -> None:
     for name, p in model.named_parameters():
         if not name.startswith("fc3"):
             p.requires_grad_(False)  # an intentionally frozen backbone
-    train(logdir, model, teacher_data(512, (3, 32, 32)), optimizer=torch.optim.SGD(model.fc3.parameters(), lr=0.05))
+    train(logdir, model, synthetic_cifar(512), optimizer=torch.optim.SGD(model.fc3.parameters(), lr=0.05))
 
 
 SICK = [
@@ -302,6 +309,7 @@ SICK = [
 ]
 HEALTHY = [
     Scenario("healthy_cnn", _healthy_cnn),
+    Scenario("healthy_cnn_batch4", _healthy_cnn_batch4),
     Scenario("healthy_resnet", _healthy_resnet),
     Scenario("healthy_transformer", _healthy_transformer),
     Scenario("healthy_lstm", _healthy_lstm),

@@ -55,6 +55,20 @@ def test_dead_relu_needs_persistence_and_reports_since_when():
     assert issues(make_run(dead_frac=blip)) == []
 
 
+def test_dead_relu_needs_the_same_units_dead_across_batches():
+    # a small batch leaves many healthy units silent by chance: the fraction is high, but not the same units
+    noisy = np.full((10, 3), 0.55)
+    persist = np.full((10, 3), 0.2)
+    assert issues(make_run(dead_frac=noisy, dead_persist_frac=persist)) == []
+    # a layer killed at step 40: the same units stay dead, reported from the first dead step
+    dead = np.full((10, 3), 0.05)
+    dead[4:, 0] = 1.0
+    persist = np.full((10, 3), 0.02)
+    persist[6:, 0] = 1.0  # three logged batches after the kill
+    (f,) = rules.evaluate(make_run(dead_frac=dead, dead_persist_frac=persist))
+    assert (f.layer, f.first_step) == ("l0", 40)
+
+
 def test_vanishing_relative_and_absolute():
     rms = np.tile([1e-9, 1e-3, 1e-2], (10, 1))
     assert ("vanishing_gradient", "l0", "warning") in issues(make_run(grad_rms=rms))
