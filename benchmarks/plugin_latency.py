@@ -41,8 +41,21 @@ def write_run(logdir: str, layers: int, steps: int, log_every: int = 10) -> list
     writer = SummaryWriter(logdir)
     fw = writer._get_file_writer()
     fw.add_summary(schema.encode_layers(table), 0)
-    base = rng.random((layers, len(schema.COLUMNS))).astype(np.float32)
-    dead = schema.COLUMN_INDEX["dead_frac"]
+    col = schema.COLUMN_INDEX
+    # plausible healthy statistics: gradients spread over decades with depth, small updates, no NaN
+    base = np.full((layers, len(schema.COLUMNS)), np.nan, dtype=np.float32)  # columns not set: not measured
+    base[:, col["act_mean"]] = 0.2
+    base[:, col["act_std"]] = 1.0
+    base[:, col["saturated_frac"]] = np.nan
+    base[:, col["grad_norm"]] = np.logspace(-3, 0, layers)
+    base[:, col["grad_rms"]] = np.logspace(-5, -2, layers)
+    base[:, col["weight_norm"]] = 5.0
+    base[:, col["update_ratio"]] = 1e-3
+    base[:, col["changed"]] = 1.0
+    base[:, col["grad_params"]] = 2
+    for name in ("act_nonfinite", "grad_nonfinite", "weight_nonfinite"):
+        base[:, col[name]] = 0
+    dead = col["dead_frac"]
     for t in range(steps):
         stats = base * (1 + 0.05 * rng.standard_normal(base.shape).astype(np.float32))
         stats[:, dead] = 0.1 * rng.random(layers)

@@ -10,6 +10,7 @@ nothing from a CDN (TensorBoard's CSP would block it anyway).
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from tensorboard.plugins import base_plugin
 from tbdiag import rules, schema
 
 from . import payloads, query
-from .run_source import RunSource, UnknownRunError
+from .run_source import RunSource, UnknownRunError, thresholds_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ _STATIC_FILES = {
     "/index.js": ("index.js", "text/javascript"),
     "/style.css": ("style.css", "text/css"),
 }
+
+#: Compressed heatmap responses kept per run version (each is a few MB for big runs).
+_MAX_HEATMAPS_PER_RUN = 6
 
 Handler = Callable[["DiagnosticsPlugin", Any, str, Any], Any]
 
@@ -63,9 +67,19 @@ def _json_route(handler: Handler) -> Callable:
         except Exception:  # a bug, not a bad request: log it, still answer JSON
             logger.exception("tbdiag plugin: %s failed", request.path)
             return _error(request, "internal error in the tbdiag plugin (see the TensorBoard log)", 500)
+        if isinstance(body, GzippedJSON):
+            return http_util.Respond(request, bytes(body), "application/json", content_encoding="gzip")
         return http_util.Respond(request, _dumps(body), "application/json")
 
     return app
+
+
+class GzippedJSON(bytes):
+    """A JSON body already gzip-compressed (memoised large responses skip compressing again)."""
+
+    @classmethod
+    def encode(cls, body: Any) -> "GzippedJSON":
+        return cls(gzip.compress(_dumps(body).encode("utf-8"), compresslevel=3, mtime=0))
 
 
 def _dumps(body: Any) -> str:
@@ -150,5 +164,13 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     def heatmap_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
         run = query.required(args, "run")
         stat = query.statistic(args)
-        view = self._source.view(ctx, experiment, run, query.thresholds(args))
-        return payloads.heatmap_payload(view, stat)
+        thresholds = query.thresholds(args)
+        view = self._source.view(ctx, experiment, run, thresholds)
+        # ~5 MB for 500 layers x 2,000 steps: compress once per run version, statistic and thresholds
+        key = ("heatmap-response", stat, thresholds_key(thresholds))
+        if key not in view.memo:
+            cached = [k for k in list(view.memo) if isinstance(k, tuple) and k[0] == "heatmap-response"]
+            for old in cached[: max(0, len(cached) - _MAX_HEATMAPS_PER_RUN + 1)]:
+                view.memo.pop(old, None)  # bound memory: a few MB per cached response
+            view.memo[key] = GzippedJSON.encode(payloads.heatmap_payload(view, stat))
+        return view.memo[key]

@@ -42,7 +42,14 @@ STAT_SCALES: dict[str, str] = {
     "changed": "fraction",
     "grad_params": "linear",
 }
-assert set(STAT_SCALES) == set(schema.COLUMNS), "every statistic needs a scale"
+
+
+def scale_of(stat: str) -> str:
+    """A statistic's scale; columns added to the schema later default by their name."""
+    if stat in STAT_SCALES:
+        return STAT_SCALES[stat]
+    return "fraction" if stat.endswith("_frac") else "linear"
+
 
 #: The short word a flag shows in the table (the tooltip carries the rest).
 FLAG_WORDS: dict[str, str] = {
@@ -239,30 +246,27 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
 
     500 layers x 2,000 steps is a million numbers: as a JSON list that is
     ~20 MB and seconds to encode and parse; packed little-endian float32 in
-    base64 it is 5 MB, encoded in milliseconds (and memoised per statistic),
-    and the tab reads it straight into a Float32Array.  NaN (not measured)
+    base64 it is 5 MB, encoded in milliseconds, and the tab reads it straight
+    into a Float32Array.  NaN (not measured)
     stays NaN in the array.
     """
     data, findings = view.data, view.findings
-    key = ("heatmap", stat)
-    if key not in view.memo:
-        matrix = np.ascontiguousarray(data.stats[:, :, schema.COLUMN_INDEX[stat]].T, dtype="<f4")  # [layers, steps]
-        finite = matrix[np.isfinite(matrix)]
-        if STAT_SCALES[stat] == "log":
-            finite = finite[finite > 0]
-        view.memo[key] = {
-            "shape": list(matrix.shape),
-            "values": base64.b64encode(matrix.tobytes()).decode("ascii"),
-            "min": json_number(float(finite.min())) if finite.size else None,
-            "max": json_number(float(finite.max())) if finite.size else None,
-        }
-    packed = view.memo[key]
+    matrix = np.ascontiguousarray(data.stats[:, :, schema.COLUMN_INDEX[stat]].T, dtype="<f4")  # [layers, steps]
+    finite = matrix[np.isfinite(matrix)]
+    if scale_of(stat) == "log":
+        finite = finite[finite > 0]
+    packed = {
+        "shape": list(matrix.shape),
+        "values": base64.b64encode(matrix.tobytes()).decode("ascii"),
+        "min": json_number(float(finite.min())) if finite.size else None,
+        "max": json_number(float(finite.max())) if finite.size else None,
+    }
     flags = _flags_by_layer(findings)
     return {
         "run": data.name,
         "stat": stat,
-        "label": schema.COLUMN_LABELS[stat],
-        "scale": STAT_SCALES[stat],
+        "label": schema.COLUMN_LABELS.get(stat, stat),
+        "scale": scale_of(stat),
         "layers": data.layer_names,
         "steps": data.steps.tolist(),
         "shape": packed["shape"],
@@ -286,6 +290,6 @@ def rules_payload(resolved_json: list[dict[str, Any]]) -> dict[str, Any]:
         "severities": list(rules.SEVERITIES),
         "key_stats": list(KEY_STATS),
         "columns": [
-            {"name": c, "label": schema.COLUMN_LABELS[c], "scale": STAT_SCALES[c]} for c in schema.COLUMNS
+            {"name": c, "label": schema.COLUMN_LABELS.get(c, c), "scale": scale_of(c)} for c in schema.COLUMNS
         ],
     }

@@ -150,7 +150,9 @@ def write_long_run(logdir: str, *, logged_steps: int, log_every: int, layers: in
     fw.add_summary(schema.encode_layers(table), 0)
     for t in range(logged_steps):
         step = t * log_every
-        stats = np.zeros((layers, len(schema.COLUMNS)), dtype=np.float32)
+        stats = np.full((layers, len(schema.COLUMNS)), np.nan, dtype=np.float32)  # not set: not measured
+        for name in ("act_nonfinite", "grad_nonfinite", "weight_nonfinite"):
+            stats[:, col[name]] = 0
         stats[:, col["act_mean"]] = 0.1 + 0.01 * rng.standard_normal(layers)
         stats[:, col["act_std"]] = 1.0
         stats[:, col["dead_frac"]] = 0.05 * rng.random(layers)

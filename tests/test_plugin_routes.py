@@ -213,7 +213,9 @@ def _write_steps(logdir: str, steps: range, layers: int = 3, bad: bool = True) -
     fw = w._get_file_writer()
     fw.add_summary(schema.encode_layers(table), 0)
     for step in steps:
-        stats = np.full((layers, len(schema.COLUMNS)), 0.5, dtype=np.float32)
+        stats = np.full((layers, len(schema.COLUMNS)), np.nan, dtype=np.float32)
+        for name in ("act_mean", "act_std", "grad_norm", "grad_rms", "weight_norm"):
+            stats[:, schema.COLUMN_INDEX[name]] = 0.5
         if bad:
             stats[0, schema.COLUMN_INDEX["grad_norm"]] = np.inf
             stats[0, schema.COLUMN_INDEX["grad_rms"]] = -np.inf

@@ -16,6 +16,10 @@ const ISSUE_STAT = {
   dead_relu: 'dead_frac', saturated_activation: 'saturated_frac', vanishing_gradient: 'grad_rms',
   exploding_gradient: 'grad_rms', nonfinite: 'grad_nonfinite', frozen_layer: 'changed',
 };
+// Table headers: short, with the full label as the tooltip.
+const SHORT_HEADERS = {grad_rms: 'grad RMS', update_ratio: 'update / weight', dead_frac: 'dead units',
+  saturated_frac: 'saturated', act_std: 'act std', act_mean: 'act mean', grad_norm: 'grad norm',
+  weight_norm: 'weight norm'};
 const CHART_STATS = ['dead_frac', 'saturated_frac', 'grad_rms', 'update_ratio', 'act_std', 'act_mean',
   'weight_norm', 'act_nonfinite', 'grad_nonfinite', 'weight_nonfinite', 'changed'];
 
@@ -521,7 +525,7 @@ class RunPanel {
     const stats = t.key_stats;
     const head = el('tr', {},
         el('th', {text: 'Layer'}), el('th', {text: 'Type'}), el('th', {class: 'num', text: 'Params'}),
-        ...stats.map((s) => el('th', {class: 'num', title: labelOf(s), text: labelOf(s)})),
+        ...stats.map((s) => el('th', {class: 'num', title: `${labelOf(s)} (${s})`, text: SHORT_HEADERS[s] || s})),
         el('th', {text: 'Flags'}));
     const body = el('tbody');
     const rows = [];
