@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 DEAD_LAYER = "conv2"
+DEAD_FROM = 16  # the training step at which the sick run's conv2 dies (a logged step: log_every=2)
 XSS_NAME = "<img src=x onerror=alert(1)>"
 XSS_RUN = "<img src=x onerror=alert(2)>"  # no "/" in it: a run name is a directory name
 
@@ -31,13 +32,13 @@ XSS_RUN = "<img src=x onerror=alert(2)>"  # no "/" in it: a run name is a direct
 
 
 def train_run(logdir: str, *, dead: bool, steps: int = 40, log_every: int = 2, seed: int = 0,
-              xss_layer: bool = False) -> None:
+              dead_from: int = DEAD_FROM, xss_layer: bool = False) -> None:
     """Train a small CNN for ``steps`` steps with `DiagnosticWriter` watching it.
 
-    ``dead=True`` pushes conv2's bias to -10 so every ReLU unit after it is
-    dead from the first step: the classic dying-ReLU failure, which the tab
-    must flag on conv2.  ``xss_layer=True`` adds a layer whose name is an HTML
-    payload, to prove the tab renders names as text.
+    ``dead=True`` pushes conv2's bias to -10 at step ``dead_from``, so from
+    then on every ReLU unit after it is dead: the classic dying-ReLU failure,
+    which the tab must flag on conv2 from that step.  ``xss_layer=True`` adds a
+    layer whose name is an HTML payload, to prove the tab renders names as text.
     """
     import torch
     import torch.nn as nn
@@ -67,9 +68,6 @@ def train_run(logdir: str, *, dead: bool, steps: int = 40, log_every: int = 2, s
             return x
 
     model = Net()
-    if dead:
-        with torch.no_grad():
-            model.conv2.bias.fill_(-10.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     writer = DiagnosticWriter(logdir)
     writer.watch(model, opt, log_every=log_every, log_graph=False, histograms=False,
@@ -77,6 +75,9 @@ def train_run(logdir: str, *, dead: bool, steps: int = 40, log_every: int = 2, s
     gen = torch.Generator().manual_seed(seed)
     teacher = torch.randn(10, 16, generator=gen)  # labels from coarse input features: a healthy loss really falls
     for step in range(steps):
+        if dead and step == dead_from:
+            with torch.no_grad():
+                model.conv2.bias.fill_(-10.0)  # the illness: every conv2 channel stops firing
         x = torch.randn(64, 1, 16, 16, generator=gen)
         y = (F.adaptive_avg_pool2d(x, 4).flatten(1) @ teacher.T).argmax(1)
         loss = F.cross_entropy(model(x), y)
@@ -274,14 +275,14 @@ def session_logdir(tmp_path_factory, name: str, build) -> str:
 
 
 def build_trained_logdir(root: str) -> None:
-    """Two real runs: "sick" (conv2's ReLUs dead from the start) and "healthy"."""
+    """Two real runs: "sick" (conv2's ReLUs dead from step DEAD_FROM on) and "healthy"."""
     train_run(os.path.join(root, "sick"), dead=True)
     train_run(os.path.join(root, "healthy"), dead=False, seed=1)
 
 
 def build_xss_logdir(root: str) -> None:
     """One real run whose run name and one layer name are HTML payloads (a dead conv2 too, so it is flagged)."""
-    train_run(os.path.join(root, XSS_RUN), dead=True, xss_layer=True, steps=12)
+    train_run(os.path.join(root, XSS_RUN), dead=True, dead_from=0, xss_layer=True, steps=12)
 
 
 def strict_json(text: str):

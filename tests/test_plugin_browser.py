@@ -93,7 +93,8 @@ def test_sick_layer_is_flagged_and_its_drilldown_opens(browser, trained):
         banner = panel.locator(".banner")
         assert "sev-warning" in banner.get_attribute("class")
         headline = banner.locator(".headline").inner_text()
-        assert h.DEAD_LAYER in headline and "dead" in headline and "never fire" in headline
+        assert headline.startswith(f"WARNING\n{h.DEAD_LAYER}: dead") or f"{h.DEAD_LAYER}: dead" in headline, headline
+        assert "100% of its ReLU units never fire" in headline
 
         # the table, in model order, flags conv2 (colour + word + tooltip) and not fc2
         names = panel.locator("tr.layer-row td.name").all_inner_texts()
@@ -103,20 +104,21 @@ def test_sick_layer_is_flagged_and_its_drilldown_opens(browser, trained):
         chip = row.locator(".flag[data-issue='dead_relu']")
         assert chip.inner_text() == "dead"
         tooltip = chip.get_attribute("title")
-        for words in ("dead_frac", "Threshold: 0.500", "since step 0", "What to try", "LeakyReLU"):
+        for words in ("dead_frac", "Threshold: 0.500", f"since step {h.DEAD_FROM}", "What to try", "LeakyReLU"):
             assert words in tooltip, (words, tooltip)
         assert panel.locator("tr.layer-row[data-layer='fc2'] .flag").count() == 0
 
-        # the heatmap draws conv2's row (index 1) in the dead colour: deep red
+        # the heatmap draws conv2's row (index 1) deep red after it died, pale before
         canvas = panel.locator("canvas.heat-canvas")
-        rgb = canvas.evaluate(
-            """(c) => {
-                const dpr = c.width / c.clientWidth, h = Number(c.dataset.rowHeight), g = Number(c.dataset.gutter);
-                const px = c.getContext('2d').getImageData(Math.round((g + 40) * dpr), Math.round((1.5 * h) * dpr), 1, 1);
-                return Array.from(px.data.slice(0, 3));
-            }"""
-        )
-        assert rgb[0] > 100 and rgb[1] < 40 and rgb[2] < 40, f"conv2's heatmap row is not red: {rgb}"
+        pixel = """(c, xFrac) => {
+            const dpr = c.width / c.clientWidth, h = Number(c.dataset.rowHeight), g = Number(c.dataset.gutter);
+            const x = g + xFrac * (c.clientWidth - g - 4);
+            const px = c.getContext('2d').getImageData(Math.round(x * dpr), Math.round(1.5 * h * dpr), 1, 1);
+            return Array.from(px.data.slice(0, 3));
+        }"""
+        late, early = canvas.evaluate(pixel, 0.97), canvas.evaluate(pixel, 0.03)
+        assert late[0] > 100 and late[1] < 40 and late[2] < 40, f"conv2's heatmap row is not red at the end: {late}"
+        assert early[1] > 150, f"conv2's heatmap row is already red before it died: {early}"
 
         # click the layer: its charts open, with the dead_relu threshold drawn
         row.click()
@@ -136,6 +138,7 @@ def test_sick_layer_is_flagged_and_its_drilldown_opens(browser, trained):
             }"""
         )
         assert line_px > 20, "no threshold line pixels on the dead_frac chart"
+        page.mouse.move(5, 5)  # no hover highlight in the picture
         page.wait_for_timeout(300)
         os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
         page.screenshot(path=SCREENSHOT)

@@ -98,7 +98,7 @@ def test_findings_are_the_report_findings(client, logdir):
     assert expected, "the report found nothing: the sick run is not sick"
     assert body["findings"] == json.loads(json.dumps(expected))
     dead = [f for f in body["findings"] if f["issue"] == "dead_relu" and f["layer"] == h.DEAD_LAYER]
-    assert dead and dead[0]["severity"] == "warning" and dead[0]["first_step"] == 0
+    assert dead and dead[0]["severity"] == "warning" and dead[0]["first_step"] == h.DEAD_FROM
     # the banner summary: one entry per kind, worst first
     assert body["summary"][0]["issue"] == "dead_relu" and h.DEAD_LAYER in body["summary"][0]["layers"]
     ranks = [("info", "warning", "error").index(e["severity"]) for e in body["summary"]]
@@ -121,7 +121,7 @@ def test_layer_table_in_model_order_with_flags(client, logdir):
     assert conv2["stats"]["dead_frac"] == 1.0
     flag = next(f for f in conv2["flags"] if f["issue"] == "dead_relu")
     # everything the tooltip needs: what was measured, the threshold, since when, what to try
-    assert flag["word"] == "dead" and flag["threshold"] == 0.5 and flag["first_step"] == 0
+    assert flag["word"] == "dead" and flag["threshold"] == 0.5 and flag["first_step"] == h.DEAD_FROM
     assert "dead_frac" in flag["statistic"] and "LeakyReLU" in flag["advice"] and flag["active"] is True
     assert conv2["worst"] == "warning"
     assert body["layers"][3]["flags"] == [] and body["layers"][3]["worst"] is None
@@ -137,13 +137,20 @@ def test_layer_table_in_model_order_with_flags(client, logdir):
 def test_layer_table_at_an_earlier_step(client):
     body = get(client, P + "/layers?run=sick&step=11")  # between logged steps 10 and 12
     assert body["step"] == 10 and body["step_index"] == 5
+    # before conv2 died its flag is listed but not active, and the row is not marked
+    conv2 = body["layers"][1]
+    assert conv2["stats"]["dead_frac"] < 0.5
+    assert [f["active"] for f in conv2["flags"] if f["issue"] == "dead_relu"] == [False]
+    assert conv2["worst"] is None
 
 
 def test_series_of_the_sick_layer_with_threshold_lines(client):
     body = get(client, P + f"/series?run=sick&layer={h.DEAD_LAYER}")
     assert body["steps"] == list(range(0, 40, 2))
     assert set(body["series"]) == set(schema.COLUMNS)
-    assert body["series"]["dead_frac"] == [1.0] * 20
+    dead = body["series"]["dead_frac"]
+    onset = body["steps"].index(h.DEAD_FROM)
+    assert dead[onset:] == [1.0] * (20 - onset) and max(dead[:onset]) < 0.5
     assert body["thresholds"]["dead_frac"][0]["value"] == 0.5
     grad_lines = {line["label"]: line for line in body["thresholds"]["grad_rms"]}
     assert grad_lines["exploding_gradient"]["value"] == 10.0

@@ -498,7 +498,8 @@ class RunPanel {
     const word = state.meta.words[top.issue] || top.issue;
     banner.append(el('div', {class: 'headline'},
         el('span', {class: `badge sev-${top.severity}`, text: top.severity.toUpperCase()}),
-        el('strong', {text: top.layer ? `${top.layer}: ${word}` : word}), ' — ', top.message));
+        el('strong', {text: top.layer ? `${top.layer}: ${word}` : word}), ' — ',
+        top.layer && top.message.startsWith(`${top.layer}: `) ? top.message.slice(top.layer.length + 2) : top.message));
     const list = el('ul', {class: 'kinds'});
     for (const k of f.summary) {
       const rule = ruleOf(k.issue);
@@ -538,7 +539,7 @@ class RunPanel {
       tr.dataset.layer = layer.name;
       const flags = el('td', {class: 'flags'});
       for (const f of active) flags.append(flagChip(f));
-      const flaggedStats = new Set(active.map((f) => ISSUE_STAT[f.issue]));
+      const flaggedStats = new Set(active.filter((f) => f.severity !== 'info').map((f) => ISSUE_STAT[f.issue]));
       tr.append(
           el('td', {class: 'name', text: layer.name, title: layer.name}),
           el('td', {class: 'type', text: layer.type + (layer.activation ? ` → ${layer.activation}` : '')}),
