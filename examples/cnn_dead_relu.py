@@ -7,7 +7,7 @@ The CNN (``seed_cnn.py``) is the one of PyTorch's "Training a classifier"
 tutorial, with activations applied functionally (``F.relu(self.conv2(x))``).
 The data are CIFAR-10-shaped images made of one smooth random pattern per
 class plus noise, so the task is learnable and nothing is downloaded.  In the sick run, conv2's
-bias is pushed to -20 at step 150: from then on every channel of conv2 is
+bias is pushed to -20 at step 120: from then on every channel of conv2 is
 dead, and the report says so, naming the layer and the step.
 """
 
@@ -52,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", default="runs")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--inject-at", type=int, default=120, help="step at which conv2 dies in the sick run")
     args = parser.parse_args(argv)
     for name in ("healthy", "dead_relu"):
         shutil.rmtree(os.path.join(args.logdir, name), ignore_errors=True)
     print(f"training the healthy run ({args.steps} steps)...", flush=True)
     train(os.path.join(args.logdir, "healthy"), args.steps, args.log_every, inject_dead_at=None)
-    print(f"training the sick run (conv2 killed at step {args.steps * 3 // 8})...", flush=True)
-    train(os.path.join(args.logdir, "dead_relu"), args.steps, args.log_every, inject_dead_at=args.steps * 3 // 8)
+    print(f"training the sick run (conv2 killed at step {args.inject_at})...", flush=True)
+    train(os.path.join(args.logdir, "dead_relu"), args.steps, args.log_every, inject_dead_at=args.inject_at)
     print(f"\n$ tbdiag report {args.logdir}\n", flush=True)
     tbdiag_main(["report", args.logdir])
     print(f"\nNow look at it in TensorBoard (Diagnostics tab):\n\n    tensorboard --logdir {args.logdir}\n")
