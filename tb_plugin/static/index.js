@@ -675,6 +675,9 @@ function renderPanels() {
 }
 
 async function reloadAll() {
+  // new runs may have appeared, and every run may have new steps (the server re-reads what changed)
+  const known = new Map(state.runs.map((r) => [r.run, r]));
+  state.runs = (await getJSON('runs')).runs.map((r) => Object.assign(known.get(r.run) || {}, r));
   await Promise.all(state.runs.map(async (run) => {
     try { run.findings = await getJSON('findings', {run: run.run}); } catch (err) { run.findings = null; }
   }));
@@ -701,6 +704,7 @@ export async function render() {
   const toolbar = el('div', {class: 'toolbar'},
       el('label', {}, 'Heatmap: ', statSelect),
       el('label', {}, only, ' only flagged layers'),
+      el('button', {class: 'reload', title: 'read new steps and runs', onclick: () => reloadAll(), text: 'Reload'}),
       el('details', {class: 'thresholds'}, el('summary', {text: 'Rules & thresholds'}), rulesHost));
   const main = el('main', {},
       el('header', {}, el('h1', {text: 'Training diagnostics'}), selector), toolbar,
