@@ -14,14 +14,14 @@ import gzip
 import json
 import logging
 import os
-from typing import Any, Callable
-
-from werkzeug import wrappers
+from collections.abc import Callable
+from typing import Any
 
 from tensorboard import errors as tb_errors
 from tensorboard import plugin_util
 from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
 
 from tbdiag import rules, schema
 
@@ -53,7 +53,7 @@ def _json_route(handler: Handler) -> Callable:
 
     @functools.wraps(handler)
     @wrappers.Request.application
-    def app(self: "DiagnosticsPlugin", request: wrappers.Request) -> wrappers.Response:
+    def app(self: DiagnosticsPlugin, request: wrappers.Request) -> wrappers.Response:
         ctx = plugin_util.context(request.environ)
         experiment = plugin_util.experiment_id(request.environ)
         try:
@@ -78,7 +78,7 @@ class GzippedJSON(bytes):
     """A JSON body already gzip-compressed (memoised large responses skip compressing again)."""
 
     @classmethod
-    def encode(cls, body: Any) -> "GzippedJSON":
+    def encode(cls, body: Any) -> GzippedJSON:
         return cls(gzip.compress(_dumps(body).encode("utf-8"), compresslevel=3, mtime=0))
 
 

@@ -7,7 +7,8 @@ JSON body ``{"error": ...}``.  Nothing a client sends can turn into a 500.
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from collections.abc import Mapping
 
 from tbdiag import rules, schema
 
@@ -51,13 +52,15 @@ def thresholds(args) -> dict[str, float]:
     Validated by `tbdiag.rules.resolve`, so a typo is a 400 naming the valid
     settings instead of a silently ignored override.
     """
-    items = args.getlist(THRESHOLD_PARAM) if hasattr(args, "getlist") else [args[THRESHOLD_PARAM]] \
-        if THRESHOLD_PARAM in args else []
+    if hasattr(args, "getlist"):
+        items = args.getlist(THRESHOLD_PARAM)
+    else:
+        items = [args[THRESHOLD_PARAM]] if THRESHOLD_PARAM in args else []
     try:
         parsed = rules.parse_threshold_args(items)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     for key, value in parsed.items():
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise BadRequest(f"threshold {key!r} must be a finite number, got {value!r}")
     return parsed

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tensorboard.data import provider
@@ -90,7 +91,7 @@ class RunSource:
     def __init__(self, data_provider: provider.DataProvider, max_runs: int = DEFAULT_MAX_RUNS):
         self._provider = data_provider
         self._max_runs = max_runs
-        self._entries: "collections.OrderedDict[tuple[str, str], _RunEntry]" = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple[str, str], _RunEntry] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ runs

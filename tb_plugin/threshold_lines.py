@@ -9,9 +9,9 @@ layer at each step -- gets a per-step line rather than a constant.
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

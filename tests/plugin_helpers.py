@@ -9,7 +9,6 @@ WSGI application -- in process, or as a real ``tensorboard`` subprocess.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -18,7 +17,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Iterator
 
 import numpy as np
 
@@ -41,8 +39,8 @@ def train_run(logdir: str, *, dead: bool, steps: int = 40, log_every: int = 2, s
     layer whose name is an HTML payload, to prove the tab renders names as text.
     """
     import torch
-    import torch.nn as nn
     import torch.nn.functional as F
+    from torch import nn
 
     from tbdiag import DiagnosticWriter
 
@@ -212,7 +210,7 @@ class TensorBoardProcess:
         self._proc: subprocess.Popen | None = None
         self._log = None
 
-    def __enter__(self) -> "TensorBoardProcess":
+    def __enter__(self) -> TensorBoardProcess:  # noqa: PYI034  (Self needs Python 3.11)
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._proc = subprocess.Popen(self._cmd, cwd=self._workdir, stdout=self._log, stderr=subprocess.STDOUT,

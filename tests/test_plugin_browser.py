@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
-
 import plugin_helpers as h
+import pytest
 
 pytestmark = pytest.mark.browser
 

@@ -10,9 +10,8 @@ started with no sampling flags.
 
 from __future__ import annotations
 
-import pytest
-
 import plugin_helpers as h
+import pytest
 
 LOGGED_STEPS = 10_000
 LOG_EVERY = 10

@@ -13,10 +13,10 @@ import os
 import time
 
 import numpy as np
+import plugin_helpers as h
 import pytest
 from werkzeug.test import Client
 
-import plugin_helpers as h
 from tbdiag import report, schema
 from tbdiag.reader import load_logdir
 
@@ -246,11 +246,12 @@ def test_nonfinite_statistics_stay_valid_json(tmp_path):
 
 
 def test_cache_reuses_decoded_runs_and_picks_up_new_steps(tmp_path):
-    from tb_plugin.run_source import RunSource
     from tensorboard import context
 
+    from tb_plugin.run_source import RunSource
+
     run_dir = str(tmp_path / "growing")
-    _write_steps(run_dir, range(0, 20), bad=False)
+    _write_steps(run_dir, range(20), bad=False)
     _, ingester = h.wsgi_app(str(tmp_path))
     source = RunSource(ingester.data_provider)
     ctx = context.RequestContext()
