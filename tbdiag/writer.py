@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import io
-import math
 import queue
 import threading
 import warnings
@@ -22,7 +21,6 @@ import torch
 from tensorboard.compat.proto import graph_pb2, node_def_pb2, summary_pb2, versions_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import histogram_raw
 
 from . import images, recordio, schema, stats
 from .hooks import Watcher
@@ -183,15 +181,15 @@ class DiagnosticWriter(SummaryWriter):
         self._add(schema.encode_health(tag_step, health, with_metadata=first_of_tag), step)
         for tag, value in extras["scalars"]:
             self.add_scalar(tag, value, step)
-        for tag, row, numel in extras["histograms"]:
-            summary = _histogram_summary(tag, row, numel)
-            if summary is not None:
-                self._add(summary, step)
+        # every histogram of the step in one Summary: one event and one record instead of one per tensor
+        values = []
+        if extras["histograms"]:
+            tags, rows, numels = zip(*extras["histograms"])
+            values += _histogram_values(tags, np.stack(rows), numels)
         for tags, samples, lengths, scales, numels in extras.get("histogram_samples", ()):
-            for tag, row, numel in zip(tags, stats.host_histograms(samples, lengths, scales), numels):
-                summary = _histogram_summary(tag, row, numel)
-                if summary is not None:
-                    self._add(summary, step)
+            values += _histogram_values(tags, stats.host_histograms(samples, lengths, scales), numels)
+        if values:
+            self._add(summary_pb2.Summary(value=values), step)
         for tag, grid in extras["images"]:
             self._add(images.image_summary(tag, grid), step)
 
@@ -279,26 +277,43 @@ def module_tree_graph(model: nn.Module) -> graph_pb2.GraphDef:
 
 def _histogram_summary(tag: str, row: np.ndarray, numel: int | None) -> summary_pb2.Summary | None:
     """HistogramProto summary from ``[min, max, scale, counts...]`` (see `stats.histograms`)."""
-    lo, hi, scale = float(row[0]), float(row[1]), float(row[2])
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return None  # no finite value to draw; the nonfinite rule reports it
-    counts = np.asarray(row[3:], dtype=np.float64) * scale
-    bins = len(counts)
-    if hi <= lo:
-        limits = [hi]
-        counts = np.array([counts.sum()])
-    else:
-        limits = list(lo + (hi - lo) * np.arange(1, bins + 1) / bins)
-    centers = np.concatenate([[lo], limits[:-1]]) if len(limits) > 1 else np.array([lo])
-    centers = (centers + np.asarray(limits)) / 2
-    total = float(counts.sum())
-    return histogram_raw(
-        tag,
-        min=lo,
-        max=hi,
-        num=float(numel) if numel is not None else total,
-        sum=float(np.sum(centers * counts)),
-        sum_squares=float(np.sum(centers**2 * counts)),
-        bucket_limits=[float(x) for x in limits],
-        bucket_counts=[float(x) for x in counts],
-    )
+    values = _histogram_values([tag], np.asarray(row)[None, :], [numel])
+    return summary_pb2.Summary(value=values) if values else None
+
+
+def _histogram_values(
+    tags: Sequence[str], rows: np.ndarray, numels: Sequence[int | None]
+) -> list[summary_pb2.Summary.Value]:
+    """HistogramProto values from rows of ``[min, max, scale, counts...]``, the arithmetic vectorised over rows.
+
+    A row without a finite value (NaN range) is left out: nothing to draw; the
+    nonfinite rule reports it.
+    """
+    rows = np.asarray(rows)
+    if rows.size == 0:
+        return []
+    lo = rows[:, 0].astype(np.float64)
+    hi = rows[:, 1].astype(np.float64)
+    counts = rows[:, 3:].astype(np.float64) * rows[:, 2:3].astype(np.float64)
+    bins = counts.shape[1]
+    limits = lo[:, None] + (hi - lo)[:, None] * np.arange(1, bins + 1) / bins
+    centers = (np.concatenate([lo[:, None], limits[:, :-1]], axis=1) + limits) / 2
+    totals = counts.sum(axis=1)
+    sums = (centers * counts).sum(axis=1)
+    sums_sq = (centers**2 * counts).sum(axis=1)
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    out = []
+    for i in np.flatnonzero(finite):
+        numel = numels[i]
+        if hi[i] <= lo[i]:  # one value: a single bucket at it
+            limit, bucket, center = [float(hi[i])], [float(totals[i])], float((lo[i] + hi[i]) / 2)
+            total_sum, total_sq = center * bucket[0], center**2 * bucket[0]
+        else:
+            limit, bucket = limits[i].tolist(), counts[i].tolist()
+            total_sum, total_sq = float(sums[i]), float(sums_sq[i])
+        histo = summary_pb2.HistogramProto(
+            min=float(lo[i]), max=float(hi[i]), num=float(numel) if numel is not None else float(totals[i]),
+            sum=total_sum, sum_squares=total_sq, bucket_limit=limit, bucket=bucket,
+        )
+        out.append(summary_pb2.Summary.Value(tag=tags[i], histo=histo))
+    return out
