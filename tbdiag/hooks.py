@@ -190,6 +190,7 @@ class Watcher:
         self._recorded: set[int] = set()
         self._prev_weight_norms: np.ndarray | None = None
         self._prev_weights: list[torch.Tensor] | None = None
+        self._kept_weights: list[torch.Tensor] | None = None  # CPU only: reused buffers for _prev_weights
         self._graph_done = not log_graph
         self._table_written = False
         self._backward_queued = False
@@ -307,8 +308,26 @@ class Watcher:
     def _opt_pre(self, optimizer, args, kwargs) -> None:
         if self._pending is not None and self._pending.step == self.step:
             with torch.no_grad():
-                self._prev_weights = [p.detach().clone() for _, p, _ in self._param_index if p.grad is not None]
+                live = [p.detach() for _, p, _ in self._param_index if p.grad is not None]
+                self._prev_weights = self._weight_copies(live)
         return None
+
+    def _weight_copies(self, live: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copies of the weights before the step, for the update ratio.
+
+        On the CPU the copies are kept and refilled at every logging step:
+        fresh multi-megabyte allocations cost page faults, about ten times the
+        copy itself.  On accelerators (caching allocators) they are allocated
+        per logging step and freed after it.
+        """
+        kept = self._kept_weights
+        if (kept is not None and len(kept) == len(live)
+                and all(k.shape == t.shape and k.dtype == t.dtype and k.device == t.device for k, t in zip(kept, live))):
+            torch._foreach_copy_(kept, live)
+            return kept
+        copies = [t.clone() for t in live]
+        self._kept_weights = copies if all(t.device.type == "cpu" for t in live) else None
+        return copies
 
     def _opt_post(self, optimizer, args, kwargs) -> None:
         if self._pending is not None and self._pending.step == self.step:

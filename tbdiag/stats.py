@@ -58,11 +58,13 @@ def activation_stats(out: torch.Tensor) -> torch.Tensor:
         return torch.full((3,), float("nan"), device=x.device)
     x32 = x.float() if x.dtype != torch.float32 else x
     mean = x32.mean()
+    if x32.device.type == "cpu":  # few dispatches: per-op overhead dominates for small layers
+        m = mean.item()
+        std = float(torch.linalg.vector_norm(x32 - mean)) / math.sqrt(n) if n > 1 else 0.0
+        nonfinite = 0.0 if math.isfinite(m) else float(n - int(torch.isfinite(x32).sum()))
+        return torch.tensor([m, std, nonfinite], dtype=torch.float32)
     std = torch.linalg.vector_norm(x32 - mean) / math.sqrt(n) if n > 1 else torch.zeros((), device=x.device)
-    if x32.device.type == "cpu" and bool(torch.isfinite(mean)):
-        nonfinite = torch.zeros((), device=x.device)
-    else:
-        nonfinite = (n - torch.isfinite(x32).sum()).to(torch.float32)
+    nonfinite = (n - torch.isfinite(x32).sum()).to(torch.float32)
     return torch.stack([mean, std, nonfinite]).float()
 
 
@@ -225,11 +227,7 @@ def histogram_samples(
         lengths.append(flat.numel())
         scales.append(t.numel() / max(1, flat.numel()))
         sources.append(flat)
-    out = torch.empty(sum(lengths), dtype=torch.float32, device=device)
-    offset = 0
-    for flat, n in zip(sources, lengths):
-        out[offset : offset + n].copy_(flat)
-        offset += n
+    out = torch.cat([f if f.dtype == torch.float32 else f.float() for f in sources])  # strided views: one copy
     return out, lengths, scales
 
 
