@@ -57,33 +57,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "examples")]
+
+from seed_cnn import Net  # noqa: E402  (the examples' seed CNN)
 
 BATCH = 64  # --batch changes it (--quick uses 16)
 
 
 # ---------------------------------------------------------------- workloads
-
-
-class SeedCNN(nn.Module):
-    """The seed articles' CNN ("Training a Classifier", CIFAR-10), wider: 0.55M parameters."""
-
-    def __init__(self, c1: int = 32, c2: int = 64, f1: int = 288, f2: int = 128, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, c1, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(c1, c2, 5)
-        self.fc1 = nn.Linear(c2 * 5 * 5, f1)
-        self.fc2 = nn.Linear(f1, f2)
-        self.fc3 = nn.Linear(f2, classes)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 def deep_mlp(depth: int = 26, width: int = 310, d_in: int = 256, classes: int = 10) -> nn.Module:
@@ -146,7 +128,7 @@ class Workload:
 
 
 WORKLOADS = {
-    "cnn": Workload("cnn", "seed CNN", SeedCNN, (3, 32, 32)),
+    "cnn": Workload("cnn", "seed CNN", lambda: Net(32, 64, 288, 128), (3, 32, 32)),
     "mlp": Workload("mlp", "26-layer MLP", deep_mlp, (256,)),
     "resnet": Workload("resnet", "ResNet-20 + BatchNorm", SmallResNet, (3, 16, 16)),
 }

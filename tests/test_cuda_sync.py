@@ -17,44 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scenarios import SeedCNN, SmallResNet
+
 from tbdiag import DiagnosticWriter
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 LOG_EVERY = 4
-
-
-class SeedCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1)
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
-
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        return self.relu(x + self.b2(self.c2(self.relu(self.b1(self.c1(x))))))
-
-
-def resnet():
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), Block(16),
-                         Block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
 def mlp():
@@ -90,7 +59,7 @@ def test_the_counter_counts():
     assert count_syncs(lambda: x * 2) == 0
 
 
-@pytest.mark.parametrize("make", [SeedCNN, resnet, mlp], ids=["seed_cnn", "resnet_bn_inplace", "mlp_sigmoid_tanh"])
+@pytest.mark.parametrize("make", [SeedCNN, SmallResNet, mlp], ids=["seed_cnn", "resnet_bn_inplace", "mlp_sigmoid_tanh"])
 @pytest.mark.parametrize("with_optimizer", [True, False], ids=["optimizer", "no_optimizer"])
 def test_zero_syncs_off_logging_steps_and_one_on_them(tmp_path, make, with_optimizer):
     torch.manual_seed(0)
