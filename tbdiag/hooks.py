@@ -63,6 +63,10 @@ def _activation_kinds() -> dict[Any, str]:
 
 
 ACTIVATION_KINDS = _activation_kinds()
+_MODULE_KINDS = ((nn.ReLU, "relu"), (nn.ReLU6, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"))
+# The activation spy runs at the first logging step and then at every SPY_PROBE_EVERY-th: if it never
+# sees an activation applied outside an activation module (F.relu in a forward), module hooks see them all.
+SPY_PROBE_EVERY = 10
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -97,6 +101,7 @@ class _Layer:
     is_conv: bool
     is_activation: bool
     info: schema.LayerInfo
+    activation_kind: str | None = None  # "relu", "sigmoid" or "tanh" for activation modules
     order: int = -1  # first-forward position, fixed at the first logging step
 
 
@@ -186,7 +191,9 @@ class Watcher:
         self._producers: dict[tuple[str, int], int] = {}
         self._act_stack: list[int] = []
         self._act_seen: dict[int, tuple[str, torch.Tensor]] = {}
-        self._dead_history: dict[int, list[torch.Tensor]] = {}  # last two logged dead-unit masks per layer
+        self._dead_history: dict[int, list[np.ndarray]] = {}  # last two logged dead-unit masks per layer
+        self._functional_activations = False  # the spy saw F.relu & co. outside activation modules
+        self._logged = 0  # logging steps begun
         self._recorded: set[int] = set()
         self._prev_weight_norms: np.ndarray | None = None
         self._prev_weights: list[torch.Tensor] | None = None
@@ -246,6 +253,7 @@ class Watcher:
                     channels_first=isinstance(module, _CHANNELS_FIRST),
                     is_conv=isinstance(module, nn.modules.conv._ConvNd),
                     is_activation=isinstance(module, _ACTIVATION_MODULES),
+                    activation_kind=next((k for t, k in _MODULE_KINDS if isinstance(module, t)), None),
                     info=schema.LayerInfo(name=name, type=type_name(module), params=n_params,
                                           trainable_params=n_train),
                 )
@@ -348,14 +356,16 @@ class Watcher:
             self._temp_handles.append(layer.module.register_forward_hook(self._make_layer_hook(i)))
             if layer.is_activation:
                 self._temp_handles.append(layer.module.register_forward_pre_hook(self._make_act_pre(i)))
-        self._spy = _ActivationSpy(self)
-        self._spy.__enter__()
+        if self._functional_activations or self._logged % SPY_PROBE_EVERY == 0:
+            self._spy = _ActivationSpy(self)
+            self._spy.__enter__()
+        self._logged += 1
 
     def _end_forward(self) -> None:
         if self._spy is not None:
             spy, self._spy = self._spy, None
             spy.__exit__(None, None, None)
-            self._flush_activations()
+        self._flush_activations()
         for h in self._temp_handles:
             h.remove()
         self._temp_handles.clear()
@@ -371,9 +381,13 @@ class Watcher:
     def _make_layer_hook(self, i: int) -> Callable:
         def hook(module, args, output):
             layer = self.layers[i]
-            if layer.is_activation and self._act_stack and self._act_stack[-1] == i:
-                self._act_stack.pop()
             out = first_tensor(output)
+            if layer.is_activation:
+                if (self._spy is None and layer.activation_kind and self._pending is not None and out is not None
+                        and args and isinstance(args[0], torch.Tensor)):
+                    self._on_activation(layer.activation_kind, args[0], out)  # before `out` is registered below
+                if self._act_stack and self._act_stack[-1] == i:
+                    self._act_stack.pop()
             if out is None or self._pending is None:
                 return None
             self._busy = True
@@ -402,7 +416,11 @@ class Watcher:
         if i in self._recorded:
             return  # a module called twice in one forward: keep the first call
         self._recorded.add(i)
-        pending.add("act", i, stats.activation_stats(out))
+        if not layer.is_activation:
+            # An activation module's output is summarised where it matters: its dead or saturated
+            # fraction, on the layer that fed it.  Its mean/std would add a row of reductions per
+            # activation (half the layers of a Linear+ReLU stack) to every logging step.
+            pending.add("act", i, stats.activation_stats(out))
         if self.activation_histograms and self.histograms and layer.params:
             pending.add("act_hist_src", i, stats.histogram_sample(out))
         if layer.is_conv and out.dim() >= 3 and self._images_due(pending.step):
@@ -415,6 +433,8 @@ class Watcher:
 
     def _on_activation(self, kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """An activation function ran on ``x``: attribute it to the layer that produced ``x``."""
+        if self._spy is not None and not self._act_stack:
+            self._functional_activations = True  # applied outside any activation module: keep the spy on
         target = self._producers.get(_storage_key(x))
         if target is None and self._act_stack:
             target = self._act_stack[-1]
@@ -441,13 +461,9 @@ class Watcher:
             return
         for i, (kind, value) in self._act_seen.items():
             if kind == "relu":
-                # dead in this batch and in the previous two logged batches (same units)
-                history = [m for m in self._dead_history.get(i, []) if m.shape == value.shape]
-                persist = value
-                for mask in history:
-                    persist = persist & mask
-                self._dead_history[i] = ([value] + history)[:2]
-                self._pending.add("dead", i, torch.stack([value.float().mean(), persist.float().mean()]))
+                # the per-unit mask itself goes to the host (a few bytes per unit): fractions and the
+                # persistence over logged batches are computed there, in `_dead_fractions`
+                self._pending.add("dead", i, value.reshape(-1))
             else:
                 self._pending.add("sat", i, value.reshape(1))
             if not self._table_written and not self.layers[i].info.activation:
@@ -470,7 +486,6 @@ class Watcher:
                 if grads:
                     pending.add("g_norm", with_grad, stats.norms(grads))
                 if update and self._prev_weights is not None and len(self._prev_weights) == len(with_grad):
-                    pending.add("w0_norm", with_grad, stats.norms(self._prev_weights))
                     # the copies are ours: subtract in place (no new buffer); |w0 - w1| == |w1 - w0|
                     torch._foreach_sub_(self._prev_weights, [params[k].detach() for k in with_grad])
                     pending.add("u_norm", with_grad, stats.norms(self._prev_weights))
@@ -536,13 +551,12 @@ class Watcher:
         w_norm = np.full(n_params, np.nan)
         g_norm = np.full(n_params, np.nan)
         u_norm = np.full(n_params, np.nan)
-        w0_norm = np.full(n_params, np.nan)
         extras: dict[str, Any] = {"histograms": [], "histogram_samples": [], "images": [], "scalars": []}
         for (kind, key), value in data["items"]:
             if kind == "act":
                 health[key, col["act_mean"]], health[key, col["act_std"]], health[key, col["act_nonfinite"]] = value
             elif kind == "dead":
-                health[key, col["dead_frac"]], health[key, col["dead_persist_frac"]] = value
+                health[key, col["dead_frac"]], health[key, col["dead_persist_frac"]] = self._dead_fractions(key, value)
             elif kind == "sat":
                 health[key, col["saturated_frac"]] = value[0]
             elif kind == "w_norm":
@@ -551,8 +565,6 @@ class Watcher:
                 g_norm[key] = value
             elif kind == "u_norm":
                 u_norm[key] = value
-            elif kind == "w0_norm":
-                w0_norm[key] = value
             elif kind in ("p_hist", "g_hist"):
                 # (tags, samples, lengths, scales, numels): binned on the writer thread (stats.host_histograms)
                 prefix = "params/" if kind == "p_hist" else "grads/"
@@ -569,35 +581,59 @@ class Watcher:
         if self._prev_weight_norms is not None:
             changed = (w_norm != self._prev_weight_norms).astype(np.float64)
         self._prev_weight_norms = w_norm.copy()
-        for i, layer in enumerate(self.layers):
-            ks = [k for k, (li, _, _) in enumerate(self._param_index) if li == i]
-            if not ks:
-                continue
-            health[i, col["weight_norm"]] = math.sqrt(float(np.sum(w_norm[ks] ** 2)))
-            health[i, col["weight_nonfinite"]] = sum(nonfinite.get(("w_norm", k), 0.0) for k in ks)
-            has_g = [k for k in ks if np.isfinite(g_norm[k]) or ("g_norm", k) in nonfinite]
-            health[i, col["grad_params"]] = len(has_g)
-            if has_g:
-                gn = math.sqrt(float(np.sum(g_norm[has_g] ** 2)))
-                numel = float(sum(self._param_index[k][1].numel() for k in has_g))
-                health[i, col["grad_norm"]] = gn
-                health[i, col["grad_rms"]] = gn / math.sqrt(max(numel, 1.0))
-                health[i, col["grad_nonfinite"]] = sum(nonfinite.get(("g_norm", k), 0.0) for k in has_g)
-                ch = changed[has_g]
-                if np.isfinite(ch).all():
-                    health[i, col["changed"]] = float(np.mean(ch))
-            upd = [k for k in ks if np.isfinite(u_norm[k])]
-            if upd:
-                denom = math.sqrt(float(np.sum(w0_norm[upd] ** 2)))
-                num = math.sqrt(float(np.sum(u_norm[upd] ** 2)))
-                health[i, col["update_ratio"]] = num / denom if denom > 0 else np.nan
-        with_grad = ~np.isnan(g_norm) | np.array([("g_norm", k) in nonfinite for k in range(n_params)], dtype=bool)
+        # Per-parameter numbers summed into their layers' rows: one bincount per column, no loop over layers.
+        layer_of = np.fromiter((li for li, _, _ in self._param_index), dtype=np.intp, count=n_params)
+        numel = np.fromiter((p.numel() for _, p, _ in self._param_index), dtype=np.float64, count=n_params)
+        w_bad = np.array([nonfinite.get(("w_norm", k), 0.0) for k in range(n_params)]) if nonfinite else np.zeros(n_params)
+        g_bad = np.array([nonfinite.get(("g_norm", k), 0.0) for k in range(n_params)]) if nonfinite else np.zeros(n_params)
+
+        def per_layer(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+            if mask is None:
+                return np.bincount(layer_of, weights=values, minlength=n)
+            return np.bincount(layer_of[mask], weights=values[mask], minlength=n)
+
+        rows = per_layer(np.ones(n_params)) > 0
+        health[rows, col["weight_norm"]] = np.sqrt(per_layer(w_norm ** 2))[rows]
+        health[rows, col["weight_nonfinite"]] = per_layer(w_bad)[rows]
+        # a gradient with NaN/Inf has a non-finite norm but still counts as received
+        has_g = np.isfinite(g_norm) | np.array([("g_norm", k) in nonfinite for k in range(n_params)], dtype=bool)
+        n_grads = per_layer(has_g.astype(np.float64))
+        health[rows, col["grad_params"]] = n_grads[rows]
+        got = n_grads > 0
+        gn = np.sqrt(per_layer(g_norm ** 2, has_g))
+        health[got, col["grad_norm"]] = gn[got]
+        health[got, col["grad_rms"]] = (gn / np.sqrt(np.maximum(per_layer(numel, has_g), 1.0)))[got]
+        health[got, col["grad_nonfinite"]] = per_layer(g_bad, has_g)[got]
+        ch = per_layer(changed, has_g) / np.maximum(n_grads, 1.0)  # NaN where a comparison is missing
+        done = got & np.isfinite(ch)
+        health[done, col["changed"]] = ch[done]
+        upd = np.isfinite(u_norm)
+        if upd.any():
+            has_u = per_layer(upd.astype(np.float64)) > 0
+            denom = np.sqrt(per_layer(w_norm ** 2, upd))
+            num = np.sqrt(per_layer(u_norm ** 2, upd))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(denom > 0, num / denom, np.nan)
+            health[has_u, col["update_ratio"]] = ratio[has_u]
+        with_grad = ~np.isnan(g_norm) | has_g
         if with_grad.any():
             # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ would report it
             extras["scalars"].append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[with_grad] ** 2)))))
         for gi, lr in enumerate(data["lrs"]):
             extras["scalars"].append((f"train/lr/group{gi}", lr))
         return health, extras
+
+    def _dead_fractions(self, i: int, mask: np.ndarray) -> tuple[float, float]:
+        """Fraction of layer ``i``'s units dead in this batch, and dead in this and the previous two logged batches."""
+        dead = np.asarray(mask) > 0
+        if dead.size == 0:
+            return math.nan, math.nan
+        history = [m for m in self._dead_history.get(i, []) if m.shape == dead.shape]
+        persist = dead.copy()
+        for m in history:
+            persist &= m
+        self._dead_history[i] = ([dead] + history)[:2]
+        return float(dead.mean()), float(persist.mean())
 
     # ----------------------------------------------------------- one-off logs
 

@@ -57,7 +57,7 @@ COLUMNS: tuple[str, ...] = (
     "grad_nonfinite",  # count of NaN/Inf gradient elements
     "weight_norm",  # L2 norm of the layer's own parameters
     "weight_nonfinite",  # count of NaN/Inf parameter elements
-    "update_ratio",  # ||w_after - w_before|| / ||w_before|| over the optimizer step (needs optimizer=)
+    "update_ratio",  # ||w_after - w_before|| / ||w_after|| over the optimizer step (needs optimizer=)
     "changed",  # fraction of the layer's gradient-receiving parameter tensors that changed since the previous logging step
     "grad_params",  # number of the layer's parameter tensors that received a gradient this step
     "dead_persist_frac",  # fraction of units that fired neither in this batch nor in the two previous logged ones
