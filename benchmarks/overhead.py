@@ -131,6 +131,8 @@ WORKLOADS = {
     "cnn": Workload("cnn", "seed CNN", lambda: Net(32, 64, 288, 128), (3, 32, 32)),
     "mlp": Workload("mlp", "26-layer MLP", deep_mlp, (256,)),
     "resnet": Workload("resnet", "ResNet-20 + BatchNorm", SmallResNet, (3, 16, 16)),
+    # not in the default set: the main example's CNN at the tutorial's widths (62K parameters)
+    "example": Workload("example", "seed CNN, tutorial widths", Net, (3, 32, 32)),
 }
 
 
@@ -491,7 +493,7 @@ def _crc_status() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (under a minute): fewer, shorter rounds")
-    p.add_argument("--workloads", default="cnn,mlp,resnet", help="comma-separated: cnn, mlp, resnet")
+    p.add_argument("--workloads", default="cnn,mlp,resnet", help="comma-separated: cnn, mlp, resnet, example")
     p.add_argument("--log-every", default="10,100", help="comma-separated log_every values")
     p.add_argument("--rounds", type=int, default=None, help="measured rounds per workload (default 5, quick 2)")
     p.add_argument("--block-seconds", type=float, default=None,
