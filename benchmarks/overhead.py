@@ -3,8 +3,9 @@
 One process.  Every configuration trains its own copy of the same model (same
 initial weights, same batches) with its own optimizer and its own logger.
 Configurations take turns in blocks of steps, and the order rotates every
-round, so background work that one leaves behind (a writer thread, wandb's
-service process) lands on all of them alike.  Overhead of a configuration is
+round.  After each block, untimed, the configuration's writer is flushed and
+a garbage collection runs, so the work one leaves behind (a writer thread's
+tail, garbage) does not land on the next one.  Overhead of a configuration is
 the median over rounds of (its block time / the baseline's block time) - 1.
 
 Configurations
@@ -181,6 +182,10 @@ class Config:
             self.step += 1
         return time.perf_counter() - t_block
 
+    def settle(self) -> None:
+        """Finish the background writing this block left behind, outside the timed region."""
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -237,6 +242,9 @@ class WandbWatch(Config):
 
     def log_step(self, loss: float) -> None:
         self.run.log({"train/loss": loss}, step=self.step)
+
+    def settle(self) -> None:
+        pass  # wandb writes from its own service process
 
     def close(self) -> None:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -410,6 +418,9 @@ def run_workload(workload: Workload, log_every: int, args, configs: list[type[Co
             for i in rot:
                 tr = trainers[i]
                 times[tr.label] = tr.block(block_steps, record=True)
+                # work one configuration leaves behind (writer threads, garbage) must not land on the next
+                tr.settle()
+                gc.collect()
             for tr in trainers[1:]:
                 ratios[tr.label].append(times[tr.label] / times["baseline"])
         base_ms = statistics.median(base.step_times) * 1e3
