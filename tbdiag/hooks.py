@@ -615,10 +615,9 @@ class Watcher:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(denom > 0, num / denom, np.nan)
             health[has_u, col["update_ratio"]] = ratio[has_u]
-        with_grad = ~np.isnan(g_norm) | has_g
-        if with_grad.any():
+        if has_g.any():
             # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ would report it
-            extras["scalars"].append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[with_grad] ** 2)))))
+            extras["scalars"].append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[has_g] ** 2)))))
         for gi, lr in enumerate(data["lrs"]):
             extras["scalars"].append((f"train/lr/group{gi}", lr))
         return health, extras
