@@ -21,8 +21,11 @@ reference to activations or autograd graphs past the step.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import threading
+import weakref
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -31,11 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
-from . import schema, stats
+from . import graph, schema, stats
 from .modelinfo import macs_of, type_name
+from .shield import Shield
+from .wrappers import is_compiled, unwrap_model, unwrap_optimizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .writer import DiagnosticWriter
@@ -85,6 +91,36 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+#: Every model watched in this process, to refuse a second watch of the same model with a clear message.
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, Watcher]" = weakref.WeakKeyDictionary()
+
+#: Hooks PyTorch calls while iterating the registry they sit in: a fault inside one of them must leave
+#: the removal of that registry's handles for later (see `Shield`).
+_ITERATED_WHILE_CALLED = {
+    "optimizer step pre-hook": ("optimizer",),
+    "optimizer step hook": ("optimizer",),
+    "forward hook": ("post",),  # always-called: iterated in place when the user's forward raised
+}
+
+
+def _no_autocast(t: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """Statistics in float32 whatever autocast the user's forward runs under."""
+    device_type = t.device.type if t is not None else None
+    for dt in ((device_type,) if device_type in ("cpu", "cuda") else ("cpu", "cuda")):
+        if torch.is_autocast_enabled(dt):
+            return torch.autocast(device_type=dt, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _on_meta(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether this forward runs on meta tensors (shapes only, no values to measure)."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        return p.is_meta
+    x = first_tensor(list(args) + list(kwargs.values()))
+    return x is not None and x.is_meta
+
+
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     try:
         return (str(t.device), t.untyped_storage().data_ptr())
@@ -119,7 +155,7 @@ class _ActivationSpy(TorchFunctionMode):
         if kind is not None and not self.watcher._busy:
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
-                self.watcher._on_activation(kind, x, out)
+                self.watcher._spy_activation(kind, x, out)
         return out
 
 
@@ -139,13 +175,18 @@ class _Pending:
 
 
 class Watcher:
-    """What `DiagnosticWriter.watch` returns; `remove()` detaches every hook."""
+    """What `DiagnosticWriter.watch` returns; `remove()` detaches every hook.
+
+    Entry points into the user's training (every hook, the activation spy,
+    graph logging) run through one `Shield`: a fault inside tbdiag warns once
+    and detaches the watcher; training goes on untouched.
+    """
 
     def __init__(
         self,
         writer: "DiagnosticWriter",
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: Any = None,
         log_every: int = 100,
         *,
         log_graph: bool = True,
@@ -156,20 +197,27 @@ class Watcher:
         max_image_layers: int = 8,
         max_image_channels: int = 16,
         loss_tags: Sequence[str] | None = None,
+        grad_scaler: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}; "
-                "pass it as watch(model, optimizer=opt)"
-            )
+        if optimizer is not None:
+            optimizer = unwrap_optimizer(optimizer)
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive integer (steps between logs), got {log_every!r}")
         if images_every is not None and (not isinstance(images_every, int) or images_every < 0):
             raise ValueError(f"images_every must be None, 0 (no images) or a positive integer, got {images_every!r}")
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         self.writer = writer
-        self.model = model
+        self.model = unwrap_model(model)
+        self.compiled = is_compiled(model)
+        other = _WATCHED.get(self.model)
+        if other is not None:
+            raise RuntimeError(
+                f"this model is already watched by DiagnosticWriter(log_dir={other.writer.log_dir!r}); "
+                "watch a model with one writer only, or stop the other first (its handle.remove() or writer.close())"
+            )
         self.optimizer = optimizer
         self.log_every = log_every
         self.log_graph = log_graph
@@ -179,14 +227,22 @@ class Watcher:
         self.max_image_layers = max_image_layers
         self.max_image_channels = max_image_channels
         self.loss_tags = list(loss_tags) if loss_tags is not None else None
+        self.grad_scaler = grad_scaler
 
         self.step = 0
-        self._handles: list[Any] = []
-        self._temp_handles: list[Any] = []
+        self.shield = Shield(self._describe, self._detach)
+        # (registry kind, handle): kind is "pre" / "post" (module forward hooks) or "optimizer"
+        self._hooks: list[tuple[str, Any]] = []  # for the watcher's lifetime
+        self._entry_hooks: list[tuple[str, Any]] = []  # children as entry points, until the root itself runs
+        self._temp_hooks: list[tuple[str, Any]] = []  # layer hooks of one logging forward
+        self._root_pre_handle: Any = None
+        self._tls = threading.local()  # per-thread: inside our own work (the spy and hooks ignore it)
+        self._window: tuple[int, nn.Module] | None = None  # (thread, module) of the open training forward
+        self._window_depth = 0
+        self._root_seen = False
         self._collected_step = -1
         self._pending: _Pending | None = None
         self._spy: _ActivationSpy | None = None
-        self._busy = False
         self._order_counter = 0
         self._producers: dict[tuple[str, int], int] = {}
         self._act_stack: list[int] = []
@@ -194,57 +250,80 @@ class Watcher:
         self._dead_history: dict[int, list[np.ndarray]] = {}  # last two logged dead-unit masks per layer
         self._functional_activations = False  # the spy saw F.relu & co. outside activation modules
         self._logged = 0  # logging steps begun
+        self._spy_due = False  # the spy probes this logging step
+        self._forward_seen = False
         self._recorded: set[int] = set()
         self._prev_weight_norms: np.ndarray | None = None
         self._prev_weights: list[torch.Tensor] | None = None
         self._kept_weights: list[torch.Tensor] | None = None  # CPU only: reused buffers for _prev_weights
+        self._param_index_cache: list[tuple[int, nn.Parameter, str]] | None = None
         self._graph_done = not log_graph
         self._table_written = False
         self._backward_queued = False
         self._removed = False
-        self._lock = threading.Lock()
+        self._warned: set[str] = set()
 
-        self.layers = self._discover(model)
-        self._param_index: list[tuple[int, nn.Parameter, str]] = [
-            (i, p, f"{layer.name}.{pname}" if layer.name else pname)
-            for i, layer in enumerate(self.layers)
-            for pname, p in layer.params
-        ]
-        if optimizer is not None:
-            in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        _WATCHED[self.model] = self
+        try:
+            self._install(example_input)
+        except Exception as e:  # half-installed: take everything off again, keep training untouched
+            self.shield.trip("watch() set-up", e)
+            self.remove()
+
+    def _install(self, example_input: Any) -> None:
+        guard = self.shield.guard
+        self.layers = self._discover(self.model)
+        if self.optimizer is not None:
+            in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            trainable_all = [p for _, p, _ in self._iter_params() if p.requires_grad]
             for layer in self.layers:
                 trainable = [p for _, p in layer.params if p.requires_grad]
                 if trainable:
                     layer.info.in_optimizer = all(id(p) in in_opt for p in trainable)
-            if not any(id(p) in in_opt for _, p, _ in self._param_index):
+            if trainable_all and not any(id(p) in in_opt for p in trainable_all):
                 warnings.warn(
-                    "the optimizer passed to watch() holds none of the model's parameters; steps are still "
+                    "the optimizer passed to watch() holds none of the model's trainable parameters; steps are still "
                     "counted from it, but check that you passed the right optimizer",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
+        self._entry_pre_hook = guard("forward pre-hook", self._entry_pre)
+        self._entry_post_hook = guard("forward hook", self._entry_post)
+        for module in [self.model, *self.model.children()]:
+            hooks = self._hooks if module is self.model else self._entry_hooks
+            pre = module.register_forward_pre_hook(self._entry_pre_hook, prepend=True, with_kwargs=True)
+            hooks.append(("pre", pre))
+            hooks.append(("post", module.register_forward_hook(self._entry_post_hook, always_call=True)))
+            if module is self.model:
+                self._root_pre_handle = pre
+        if self.optimizer is not None:
+            opt = self.optimizer
+            self._hooks.append(("optimizer", opt.register_step_pre_hook(guard("optimizer step pre-hook", self._opt_pre))))
+            self._hooks.append(("optimizer", opt.register_step_post_hook(guard("optimizer step hook", self._opt_post))))
+        else:
+            self._output_grad_hook = guard("gradient hook", self._on_output_grad)
+            self._after_backward_callback = guard("backward callback", self._after_backward)
+        self._layer_hook_guard = guard("layer hook", lambda i, module, args, output: self._layer_hook(i, args, output))
+        self._spy_activation = guard("activation spy", self._on_activation)
+        self._act_pre_guard = guard("layer hook", lambda i, module, args: self._act_stack.append(i))
+        if example_input is not None and self.log_graph:
+            self._graph_done = True
+            guard("graph", self._log_graph)(self.model,
+                                            example_input if isinstance(example_input, tuple) else (example_input,), {})
 
-        self._handles.append(model.register_forward_pre_hook(self._root_pre, prepend=True))
-        self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(self._opt_pre))
-            self._handles.append(optimizer.register_step_post_hook(self._opt_post))
-        if example_input is not None and log_graph:
-            self._log_graph(example_input if isinstance(example_input, tuple) else (example_input,), {})
+    def _describe(self) -> str:
+        return f"{type(self.model).__name__} (DiagnosticWriter log_dir={self.writer.log_dir!r}, step {self.step})"
 
     # ------------------------------------------------------------------ setup
 
     @staticmethod
     def _discover(model: nn.Module) -> list[_Layer]:
+        """Rows of the layer table; parameter counts are filled in when the table is written (lazy modules)."""
         layers = []
         for name, module in model.named_modules():
             own = list(module.named_parameters(recurse=False))
             leaf = next(iter(module.children()), None) is None
             if not own and (not leaf or isinstance(module, _SKIP_TYPES) or module is model):
                 continue
-            if not own and module is model:
-                continue
-            n_params = sum(p.numel() for _, p in own)
-            n_train = sum(p.numel() for _, p in own if p.requires_grad)
             layers.append(
                 _Layer(
                     name=name,
@@ -254,55 +333,154 @@ class Watcher:
                     is_conv=isinstance(module, nn.modules.conv._ConvNd),
                     is_activation=isinstance(module, _ACTIVATION_MODULES),
                     activation_kind=next((k for t, k in _MODULE_KINDS if isinstance(module, t)), None),
-                    info=schema.LayerInfo(name=name, type=type_name(module), params=n_params,
-                                          trainable_params=n_train),
+                    info=schema.LayerInfo(name=name, type=type_name(module)),
                 )
             )
         return layers
 
+    def _iter_params(self) -> list[tuple[int, nn.Parameter, str]]:
+        return [(i, p, f"{layer.name}.{pname}" if layer.name else pname)
+                for i, layer in enumerate(self.layers) for pname, p in layer.params]
+
+    @property
+    def _param_index(self) -> list[tuple[int, nn.Parameter, str]]:
+        """(layer row, parameter, tag name) of every parameter with values: not lazy, not on the meta device."""
+        if self._param_index_cache is None:
+            index = [(i, p, name) for i, p, name in self._iter_params() if not is_lazy(p) and not p.is_meta]
+            if len(index) < len(self._iter_params()) and any(is_lazy(p) for _, p, _ in self._iter_params()):
+                return index  # lazy modules not materialised yet: look again next time
+            self._param_index_cache = index
+        return self._param_index_cache
+
     def remove(self) -> None:
         """Detach every hook; safe to call twice.  Pending data of a half-done step is dropped."""
-        self._end_forward()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.shield.stop("remove")
+
+    def _detach(self, entry: str, args: tuple = ()) -> bool:
+        """Take our hooks off, as far as is safe from inside ``entry``; True once nothing of ours is left.
+
+        The activation spy is a mode on the thread that opened the training
+        forward; it is popped only on that thread, where nesting is restored:
+        by the forward hook that closes the window, or by ``remove()``.
+        """
+        me = threading.get_ident()
+        window = self._window
+        if self._spy is not None and window is not None and window[0] == me and (
+                entry == "remove" or (entry == "forward hook" and args and args[0] is window[1])):
+            spy, self._spy = self._spy, None
+            spy.__exit__(None, None, None)
+        if self._spy is None:
+            self._window = None
+        unsafe = set(_ITERATED_WHILE_CALLED.get(entry, ()))
+        if self._spy is not None:
+            unsafe.add("post")  # the forward hook that pops the spy must still run
+        hooks = [*self._hooks, *self._entry_hooks, *self._temp_hooks]
+        keep = [(kind, h) for kind, h in hooks if kind in unsafe]
+        if keep:  # the root's pre-hook sweeps again at the next forward, where every registry is safe
+            keep += [(kind, h) for kind, h in hooks if h is self._root_pre_handle]
+        for kind, h in hooks:
+            if all(h is not k for _, k in keep):
+                h.remove()
+        self._hooks, self._entry_hooks, self._temp_hooks = keep, [], []
         self._pending = None
         self._removed = True
+        if _WATCHED.get(self.model) is self:
+            del _WATCHED[self.model]
+        return not keep
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"tbdiag: {message}", RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------ step logic
+
+    @property
+    def _busy(self) -> bool:
+        return getattr(self._tls, "busy", False)
+
+    @_busy.setter
+    def _busy(self, value: bool) -> None:
+        self._tls.busy = value
 
     def _is_training_forward(self) -> bool:
         return self.model.training and torch.is_grad_enabled() and not self._busy
 
-    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict | None = None):
+    def _entry_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward of the model (or of a direct child, when the model's own forward is never called) begins."""
+        if self._busy:
+            return None
+        window = self._window
+        if window is not None:  # nested in an open training forward, on this thread or another
+            if window[1] is module and window[0] == threading.get_ident():
+                self._window_depth += 1  # the module calls itself: its inner forward's hook must not close
+            return None
         if not self._is_training_forward():
             return None
-        if not self._graph_done:
-            self._graph_done = True
-            self._log_graph(args, {})
+        self._window = (threading.get_ident(), module)
+        self._window_depth = 0
+        self._forward_seen = True
+        if module is self.model and not self._root_seen:
+            self._root_seen = True  # the model's own forward runs: its children need no entry hooks
+            for _, h in self._entry_hooks:
+                h.remove()
+            self._entry_hooks.clear()
+        if not self._graph_done and not any(is_lazy(p) for p in module.parameters()):
+            self._graph_done = True  # (lazy modules are traced once their shapes are known)
+            self._log_graph(module, args, kwargs)
         step = self.step
-        if step % self.log_every != 0 or step == self._collected_step:
+        if step % self.log_every != 0:
             return None
-        self._collected_step = step
-        self._pending = _Pending(step=step)
-        self._begin_forward()
+        self._check_precision()
+        if self._pending is None:
+            if step == self._collected_step:
+                return None
+            self._collected_step = step
+            if _on_meta(self.model, args, kwargs):
+                self._warn_once("meta", "meta tensors carry no values: no statistics are logged for this model")
+                return None
+            self._pending = _Pending(step=step)
+            self._recorded.clear()
+            self._act_seen.clear()
+            self._order_counter = 0
+            self._spy_due = self._logged % SPY_PROBE_EVERY == 0
+            self._logged += 1
+        if self._pending.step == step:
+            self._begin_forward()
         return None
 
-    def _root_post(self, module: nn.Module, args: tuple, output: Any):
-        self._end_forward()
-        if not self._is_training_forward():
+    def _entry_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        window = self._window
+        if window is None or window[1] is not module or window[0] != threading.get_ident() or self._busy:
             return None
-        if self.optimizer is None:
+        if self._window_depth:
+            self._window_depth -= 1
+            return None
+        self._end_forward()
+        self._window = None
+        if self.optimizer is None and self._is_training_forward():
             out = first_tensor(output)
             if out is not None and out.requires_grad:
-                out.register_hook(self._on_output_grad)
+                out.register_hook(self._output_grad_hook)
         return None
+
+    def _check_precision(self) -> None:
+        """Warn once where logged gradients could be scaled by a GradScaler tbdiag cannot see."""
+        if self.optimizer is not None or self.grad_scaler is not None or "scaled" in self._warned:
+            return
+        for device_type in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
+                self._warn_once(
+                    "scaled", "float16 autocast without an optimizer: if a GradScaler scales the loss, the logged "
+                    "gradients are scaled too; pass watch(model, optimizer) (it steps on unscaled gradients) or "
+                    "watch(..., grad_scaler=scaler)")
+                return
 
     # without an optimizer: a step is one backward pass through the model
     def _on_output_grad(self, grad: torch.Tensor) -> None:
         if not self._backward_queued:
             self._backward_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward_callback)
         return None
 
     def _after_backward(self) -> None:
@@ -317,7 +495,7 @@ class Watcher:
         if self._pending is not None and self._pending.step == self.step:
             with torch.no_grad():
                 live = [p.detach() for _, p, _ in self._param_index if p.grad is not None]
-                self._prev_weights = self._weight_copies(live)
+                self._prev_weights = self._weight_copies(live) if live else None
         return None
 
     def _weight_copies(self, live: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -341,65 +519,61 @@ class Watcher:
         if self._pending is not None and self._pending.step == self.step:
             self._collect_params(update=True)
             self._finish()
+        elif not self._forward_seen:
+            self._warn_once(
+                "no-forward", "the optimizer stepped but no training forward of the watched model (or of one of its "
+                "direct children) was seen; watch the module your training step calls, in train() mode")
         self.step += 1
         return None
 
     # ---------------------------------------------------- forward collection
 
     def _begin_forward(self) -> None:
-        self._order_counter = 0
         self._producers.clear()
         self._act_stack.clear()
-        self._act_seen.clear()
-        self._recorded.clear()
         for i, layer in enumerate(self.layers):
-            self._temp_handles.append(layer.module.register_forward_hook(self._make_layer_hook(i)))
+            hook = functools.partial(self._layer_hook_guard, i)
+            self._temp_hooks.append(("post", layer.module.register_forward_hook(hook)))
             if layer.is_activation:
-                self._temp_handles.append(layer.module.register_forward_pre_hook(self._make_act_pre(i)))
-        if self._functional_activations or self._logged % SPY_PROBE_EVERY == 0:
+                pre = functools.partial(self._act_pre_guard, i)
+                self._temp_hooks.append(("pre", layer.module.register_forward_pre_hook(pre)))
+        if self._functional_activations or self._spy_due:
             self._spy = _ActivationSpy(self)
             self._spy.__enter__()
-        self._logged += 1
 
     def _end_forward(self) -> None:
         if self._spy is not None:
             spy, self._spy = self._spy, None
             spy.__exit__(None, None, None)
-        self._flush_activations()
-        for h in self._temp_handles:
+        for _, h in self._temp_hooks:
             h.remove()
-        self._temp_handles.clear()
+        self._temp_hooks.clear()
         self._producers.clear()
         self._act_stack.clear()
 
-    def _make_act_pre(self, i: int) -> Callable:
-        def pre(module, args):
-            self._act_stack.append(i)
-
-        return pre
-
-    def _make_layer_hook(self, i: int) -> Callable:
-        def hook(module, args, output):
-            layer = self.layers[i]
-            out = first_tensor(output)
-            if layer.is_activation:
-                if (self._spy is None and layer.activation_kind and self._pending is not None and out is not None
-                        and args and isinstance(args[0], torch.Tensor)):
-                    self._on_activation(layer.activation_kind, args[0], out)  # before `out` is registered below
-                if self._act_stack and self._act_stack[-1] == i:
-                    self._act_stack.pop()
-            if out is None or self._pending is None:
-                return None
-            self._busy = True
-            try:
-                # our own reductions need not pass through the activation spy (a Python call per op)
-                with torch._C.DisableTorchFunction():
-                    self._record_output(i, layer, args, out)
-            finally:
-                self._busy = False
+    def _layer_hook(self, i: int, args: tuple, output: Any) -> None:
+        window = self._window
+        if window is None or window[0] != threading.get_ident() or self._pending is None:
+            return None  # a forward on another thread, or outside the training forward being measured
+        layer = self.layers[i]
+        out = first_tensor(output)
+        if layer.is_activation:
+            if (self._spy is None and layer.activation_kind and out is not None
+                    and args and isinstance(args[0], torch.Tensor)):
+                self._on_activation(layer.activation_kind, args[0], out)  # before `out` is registered below
+            if self._act_stack and self._act_stack[-1] == i:
+                self._act_stack.pop()
+        if out is None:
             return None
-
-        return hook
+        self._busy = True
+        try:
+            # our own reductions need not pass through the activation spy (a Python call per op), and are
+            # float32 whatever autocast would pick
+            with torch._C.DisableTorchFunction(), _no_autocast(out):
+                self._record_output(i, layer, args, out)
+        finally:
+            self._busy = False
+        return None
 
     def _record_output(self, i: int, layer: _Layer, args: tuple, out: torch.Tensor) -> None:
         pending = self._pending
@@ -477,15 +651,19 @@ class Watcher:
         assert pending is not None
         self._busy = True
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _no_autocast(None):
                 params = [p for _, p, _ in self._param_index]
                 with_grad = [k for k, p in enumerate(params) if p.grad is not None]
                 grads = [params[k].grad for k in with_grad]
+                # without an optimizer the gradients may still be scaled by a GradScaler: divided on the device
+                unscale = self._grad_scale(grads) if not update and grads else None
                 if params:
                     pending.add("w_norm", None, stats.norms(params))
                 if grads:
-                    pending.add("g_norm", with_grad, stats.norms(grads))
-                if update and self._prev_weights is not None and len(self._prev_weights) == len(with_grad):
+                    g_norm = stats.norms(grads)
+                    pending.add("g_norm", with_grad, g_norm / unscale if unscale is not None else g_norm)
+                if (update and with_grad and self._prev_weights is not None
+                        and len(self._prev_weights) == len(with_grad)):
                     # the copies are ours: subtract in place (no new buffer); |w0 - w1| == |w1 - w0|
                     torch._foreach_sub_(self._prev_weights, [params[k].detach() for k in with_grad])
                     pending.add("u_norm", with_grad, stats.norms(self._prev_weights))
@@ -496,6 +674,8 @@ class Watcher:
                                                 ("g_hist", grads, with_grad)):
                         if tensors:
                             flat, lengths, scales = stats.histogram_samples(tensors)
+                            if kind == "g_hist" and unscale is not None:
+                                flat = flat / unscale
                             pending.add(kind, keys, flat)
                             pending.hist_meta[kind] = (lengths, scales)
                 act_src = [(k, t) for k, t in zip(pending.layout, pending.parts) if k[0] == "act_hist_src"]
@@ -506,10 +686,24 @@ class Watcher:
         finally:
             self._busy = False
 
+    def _grad_scale(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """The GradScaler's current scale as a device tensor (no host sync), or None without one."""
+        scaler = self.grad_scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+            return None
+        scale = getattr(scaler, "_scale", None)  # torch's GradScaler keeps it on the device
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scaler.get_scale()))
+        return scale.to(device=grads[0].device, dtype=torch.float32).reshape(())
+
     def _finish(self) -> None:
         """The one host transfer, then hand the numbers to the writer thread."""
+        self._flush_activations()
         pending, self._pending = self._pending, None
         if pending is None:
+            return
+        if any(t.is_meta for t in pending.parts):
+            self._warn_once("meta", "meta tensors carry no values: no statistics are logged for them")
             return
         keep = [(k, t) for k, t in zip(pending.layout, pending.parts) if k[0] != "act_hist_src"]
         host = stats.to_host([t for _, t in keep])
@@ -578,7 +772,7 @@ class Watcher:
                 extras["images"].append((f"images/{self.layers[key].name}", value))
         nonfinite = data["nonfinite"]
         changed = np.full(n_params, np.nan)
-        if self._prev_weight_norms is not None:
+        if self._prev_weight_norms is not None and self._prev_weight_norms.shape == w_norm.shape:
             changed = (w_norm != self._prev_weight_norms).astype(np.float64)
         self._prev_weight_norms = w_norm.copy()
         # Per-parameter numbers summed into their layers' rows: one bincount per column, no loop over layers.
@@ -643,7 +837,7 @@ class Watcher:
         position = {id(l): j for j, l in enumerate(new_order)}
         old_to_new = [position[id(l)] for l in self.layers]
         self.layers = new_order
-        self._param_index = [(old_to_new[li], p, name) for li, p, name in self._param_index]
+        self._param_index_cache = [(old_to_new[li], p, name) for li, p, name in self._param_index]
         self._dead_history = {old_to_new[i]: masks for i, masks in self._dead_history.items()}
         layer_keyed = {"act", "dead", "sat", "image"}
         out = []
@@ -658,6 +852,10 @@ class Watcher:
     def _write_table(self) -> None:
         """Write the layer table (rows in model order) and the model summary, once."""
         self._table_written = True
+        for layer in self.layers:  # counted now: lazy modules have their shapes after the first forward
+            counted = [p for _, p in layer.params if not is_lazy(p)]
+            layer.info.params = sum(p.numel() for p in counted)
+            layer.info.trainable_params = sum(p.numel() for p in counted if p.requires_grad)
         table = schema.LayerTable(
             layers=[l.info for l in self.layers],
             log_every=self.log_every,
@@ -667,10 +865,12 @@ class Watcher:
         self.writer._submit_table(table)
         self.writer._submit_summary_text(table)
 
-    def _log_graph(self, args: tuple, kwargs: dict) -> None:
+    def _log_graph(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The graph, traced from this call of ``module`` (the module tree for sharded models)."""
         self._busy = True
         try:
-            self.writer._log_graph_safely(self.model, args)
+            sharded = any(type(m).__name__.startswith("FSDP") for m in module.modules())
+            self.writer._write_graph(graph.graph_events(module, args, kwargs, traceable=not sharded))
         finally:
             self._busy = False
 

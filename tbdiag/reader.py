@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 import warnings
 from typing import Sequence
 
@@ -69,13 +70,37 @@ def _tensors(mux: pem.EventMultiplexer, run: str, tag: str):
                           RuntimeWarning, stacklevel=2)
 
 
+def _checked_logdir(logdir: str) -> str:
+    """``logdir`` as TensorBoard's loader takes it: a local path, or a URL TensorBoard can read (s3://, gs://, ...).
+
+    Raises `NoDataError` saying what is wrong: no such directory, or no
+    installed file system for the URL's scheme (and which package adds it).
+    """
+    if logdir.startswith("file://"):
+        logdir = urllib.parse.unquote(urllib.parse.urlparse(logdir).path)
+    if "://" not in logdir:
+        if not os.path.isdir(logdir):
+            raise NoDataError(f"{logdir}: no such directory")
+        return logdir
+    from tensorboard.compat import tf
+
+    scheme = logdir.split("://", 1)[0]
+    try:
+        found = tf.io.gfile.isdir(logdir)
+    except Exception as e:  # no file system registered for the scheme, missing credentials, ...
+        hint = {"s3": "pip install boto3"}.get(scheme, f"pip install fsspec and the fsspec package for {scheme}://")
+        raise NoDataError(f"{logdir}: cannot read {scheme}:// URLs here ({type(e).__name__}: {e}); {hint}") from e
+    if not found:
+        raise NoDataError(f"{logdir}: no such directory")
+    return logdir
+
+
 def load_logdir(logdir: str, loss_tags: Sequence[str] | None = None) -> list[RunData]:
     """Every run under ``logdir`` with tbdiag data (or loss scalars), decoded.
 
     Raises `NoDataError` when ``logdir`` does not exist or holds no tbdiag data.
     """
-    if not os.path.isdir(logdir):
-        raise NoDataError(f"{logdir}: no such directory")
+    logdir = _checked_logdir(logdir)
     mux = _multiplexer(logdir)
     diag = mux.PluginRunToTagToContent(schema.PLUGIN_NAME)
     if not diag:

@@ -9,7 +9,6 @@ pays only for the on-device reductions and their single host transfer.
 from __future__ import annotations
 
 import atexit
-import io
 import queue
 import threading
 import warnings
@@ -18,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tensorboard.compat.proto import graph_pb2, node_def_pb2, summary_pb2, versions_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -80,6 +79,7 @@ class DiagnosticWriter(SummaryWriter):
         max_image_layers: int = 8,
         max_image_channels: int = 16,
         loss_tags: Sequence[str] | None = None,
+        grad_scaler: Any = None,
     ) -> Watcher:
         """Observe ``model`` (and ``optimizer``) and log diagnostics every ``log_every`` steps.
 
@@ -99,6 +99,16 @@ class DiagnosticWriter(SummaryWriter):
             max_image_layers, max_image_channels: bound the images' count and size.
             loss_tags: scalar tags the loss rules read; default: tags
                 containing "loss".
+            grad_scaler: the ``torch.amp.GradScaler`` scaling the loss, when
+                there is no ``optimizer``: gradients are logged unscaled.  With
+                an optimizer it is not needed (the optimizer steps on unscaled
+                gradients: ``scaler.step`` unscales first).
+
+        The model may be wrapped (DDP, ``torch.compile``): hooks go on the
+        user's own module and layer names carry no wrapper prefix.  So may the
+        optimizer (accelerate, Lightning).  Anything tbdiag does inside the
+        training loop is shielded: on an internal fault it warns once, stops
+        watching and training goes on.
 
         Returns the `Watcher`; ``handle.remove()`` stops watching.
         """
@@ -112,6 +122,7 @@ class DiagnosticWriter(SummaryWriter):
             log_graph=log_graph, example_input=example_input, histograms=histograms,
             activation_histograms=activation_histograms, images_every=images_every,
             max_image_layers=max_image_layers, max_image_channels=max_image_channels, loss_tags=loss_tags,
+            grad_scaler=grad_scaler,
         )
         self._watchers.append(watcher)
         return watcher
@@ -201,84 +212,14 @@ class DiagnosticWriter(SummaryWriter):
         text = summary_markdown(table)
         self._enqueue(lambda: self.add_text(SUMMARY_TAG, text, 0))
 
-    def _log_graph_safely(self, model: nn.Module, args: tuple) -> None:
-        """Log the graph without disturbing training; fall back to the module tree when tracing fails.
-
-        Tracing runs in eval mode (no BatchNorm statistics updated), without
-        gradients, and under a forked RNG (no random numbers consumed).
-        """
-        from torch.utils.tensorboard._pytorch_graph import graph
-
-        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"} - {None})
-        errors = []
-        for strict in (True, False):
-            try:
-                with torch.random.fork_rng(devices=devices), torch.no_grad(), warnings.catch_warnings(record=True) \
-                        as caught, _quiet():
-                    warnings.simplefilter("always")
-                    graph_def, step_stats = graph(model, args, verbose=False, use_strict_trace=strict)
-                tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
-                if tracer:
-                    warnings.warn(
-                        "tbdiag: the model graph was traced along one path only (data-dependent control flow): "
-                        f"{tracer[0].message}", RuntimeWarning, stacklevel=2,
-                    )
-                self._get_file_writer().add_graph((graph_def, step_stats))
-                return
-            except Exception as e:  # jit.trace raises many kinds of errors
-                errors.append(e)
-        warnings.warn(
-            "tbdiag: torch.jit.trace could not trace the model "
-            f"({type(errors[-1]).__name__}: {str(errors[-1]).splitlines()[0] if str(errors[-1]) else ''}); "
-            "logging the module tree as the graph instead. Training is not affected.",
-            RuntimeWarning, stacklevel=2,
-        )
-        self._get_file_writer().add_graph((module_tree_graph(model), None))
+    def _write_graph(self, events: Sequence[event_pb2.Event]) -> None:
+        self._enqueue(lambda: [self._get_file_writer().add_event(event) for event in events])
 
 
 def _flush_at_exit(ref: "weakref.ref[DiagnosticWriter]") -> None:
     writer = ref()
     if writer is not None and writer._worker is not None:
         writer.flush()
-
-
-class _quiet:
-    """Silence the prints torch's graph tracer makes on failure (the warning says it better)."""
-
-    def __enter__(self):
-        import contextlib
-        import sys
-
-        self._redirect = contextlib.redirect_stdout(io.StringIO())
-        self._redirect.__enter__()
-        self._sys = sys
-
-    def __exit__(self, *exc):
-        return self._redirect.__exit__(*exc)
-
-
-def module_tree_graph(model: nn.Module) -> graph_pb2.GraphDef:
-    """A GraphDef of the module hierarchy: one node per module, leaves chained in definition order."""
-    nodes = []
-    previous_leaf = None
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        path = name.replace(".", "/")
-        leaf = next(iter(module.children()), None) is None
-        node = node_def_pb2.NodeDef(name=path, op=type(module).__name__)
-        if leaf and previous_leaf is not None:
-            node.input.append(previous_leaf)
-        if leaf:
-            previous_leaf = path
-        nodes.append(node)
-    return graph_pb2.GraphDef(node=nodes, versions=versions_pb2.VersionDef(producer=22))
-
-
-def _histogram_summary(tag: str, row: np.ndarray, numel: int | None) -> summary_pb2.Summary | None:
-    """HistogramProto summary from ``[min, max, scale, counts...]`` (see `stats.histograms`)."""
-    values = _histogram_values([tag], np.asarray(row)[None, :], [numel])
-    return summary_pb2.Summary(value=values) if values else None
 
 
 def _histogram_values(
