@@ -38,7 +38,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
-from . import graph, schema, stats
+from . import distributed, graph, schema, stats
 from .modelinfo import macs_of, type_name
 from .shield import Shield
 from .wrappers import is_compiled, unwrap_model, unwrap_optimizer
@@ -112,6 +112,12 @@ def _no_autocast(t: torch.Tensor | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor's local shard (FSDP2); any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
+
+
 def _on_meta(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether this forward runs on meta tensors (shapes only, no values to measure)."""
     p = next(model.parameters(), None)
@@ -168,10 +174,13 @@ class _Pending:
     layout: list[tuple[str, Any]] = field(default_factory=list)
     # histogram kind -> (sample lengths, numel / length), known on the host from shapes alone
     hist_meta: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    # how a part pools across ranks: the element count behind an activation statistic
+    weights: list[float | None] = field(default_factory=list)
 
-    def add(self, kind: str, key: Any, tensor: torch.Tensor) -> None:
+    def add(self, kind: str, key: Any, tensor: torch.Tensor, weight: float | None = None) -> None:
         self.parts.append(tensor)
         self.layout.append((kind, key))
+        self.weights.append(weight)
 
 
 class Watcher:
@@ -228,6 +237,12 @@ class Watcher:
         self.max_image_channels = max_image_channels
         self.loss_tags = list(loss_tags) if loss_tags is not None else None
         self.grad_scaler = grad_scaler
+        self.rank = writer.rank  # None outside torch.distributed
+        if self.rank is not None and not self.rank.writes:  # what only rank 0 writes, only rank 0 measures
+            self.histograms, self.images_every, self.log_graph = False, 0, False
+        self._announcement = distributed.Announcement(self.rank) if self.rank and self.rank.reduces else None
+        self._reduce: bool | None = None  # pool across ranks: decided at the end of the first logging step
+        self._sharded: list[bool] = []  # per parameter of _param_index: a DTensor shard (FSDP2)
 
         self.step = 0
         self.shield = Shield(self._describe, self._detach)
@@ -246,7 +261,7 @@ class Watcher:
         self._order_counter = 0
         self._producers: dict[tuple[str, int], int] = {}
         self._act_stack: list[int] = []
-        self._act_seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._act_seen: dict[int, tuple[str, torch.Tensor, int]] = {}  # kind, unit mask or fraction, elements
         self._dead_history: dict[int, list[np.ndarray]] = {}  # last two logged dead-unit masks per layer
         self._functional_activations = False  # the spy saw F.relu & co. outside activation modules
         self._logged = 0  # logging steps begun
@@ -494,7 +509,7 @@ class Watcher:
     def _opt_pre(self, optimizer, args, kwargs) -> None:
         if self._pending is not None and self._pending.step == self.step:
             with torch.no_grad():
-                live = [p.detach() for _, p, _ in self._param_index if p.grad is not None]
+                live = [_local(p.detach()) for _, p, _ in self._param_index if p.grad is not None]
                 self._prev_weights = self._weight_copies(live) if live else None
         return None
 
@@ -594,7 +609,7 @@ class Watcher:
             # An activation module's output is summarised where it matters: its dead or saturated
             # fraction, on the layer that fed it.  Its mean/std would add a row of reductions per
             # activation (half the layers of a Linear+ReLU stack) to every logging step.
-            pending.add("act", i, stats.activation_stats(out))
+            pending.add("act", i, stats.activation_stats(out), float(out.numel()))
         if self.activation_histograms and self.histograms and layer.params:
             pending.add("act_hist_src", i, stats.histogram_sample(out))
         if layer.is_conv and out.dim() >= 3 and self._images_due(pending.step):
@@ -623,23 +638,23 @@ class Watcher:
                 value = stats.saturated_fraction(out, kind)
             prev = self._act_seen.get(target)
             if prev is None or prev[0] != kind or prev[1].shape != value.shape:
-                self._act_seen[target] = (kind, value)
+                self._act_seen[target] = (kind, value, out.numel())
             else:
                 merged = prev[1] & value if kind == "relu" else torch.maximum(prev[1], value)
-                self._act_seen[target] = (kind, merged)
+                self._act_seen[target] = (kind, merged, out.numel())
         finally:
             self._busy = False
 
     def _flush_activations(self) -> None:
         if self._pending is None:
             return
-        for i, (kind, value) in self._act_seen.items():
+        for i, (kind, value, n) in self._act_seen.items():
             if kind == "relu":
                 # the per-unit mask itself goes to the host (a few bytes per unit): fractions and the
                 # persistence over logged batches are computed there, in `_dead_fractions`
                 self._pending.add("dead", i, value.reshape(-1))
             else:
-                self._pending.add("sat", i, value.reshape(1))
+                self._pending.add("sat", i, value.reshape(1), float(n))
             if not self._table_written and not self.layers[i].info.activation:
                 self.layers[i].info.activation = kind
         self._act_seen.clear()
@@ -652,9 +667,11 @@ class Watcher:
         self._busy = True
         try:
             with torch.no_grad(), _no_autocast(None):
-                params = [p for _, p, _ in self._param_index]
-                with_grad = [k for k, p in enumerate(params) if p.grad is not None]
-                grads = [params[k].grad for k in with_grad]
+                index = self._param_index
+                params = [_local(p) for _, p, _ in index]
+                self._sharded = [_local(p) is not p for _, p, _ in index]
+                with_grad = [k for k, (_, p, _) in enumerate(index) if p.grad is not None]
+                grads = [_local(index[k][1].grad) for k in with_grad]
                 # without an optimizer the gradients may still be scaled by a GradScaler: divided on the device
                 unscale = self._grad_scale(grads) if not update and grads else None
                 if params:
@@ -705,6 +722,16 @@ class Watcher:
         if any(t.is_meta for t in pending.parts):
             self._warn_once("meta", "meta tensors carry no values: no statistics are logged for them")
             return
+        if self._announcement is not None:
+            if self._reduce is None:
+                self._reduce = self._announcement.all_ranks_watch()
+                if not self._reduce and self.rank.rank == 0:
+                    self._warn_once("ranks", "not every rank watches this model, so the statistics cover rank 0's "
+                                    "batch only; create the DiagnosticWriter and call watch() on every rank")
+            if self._reduce:
+                self._pool_across_ranks(pending)
+        if self.rank is not None and not self.rank.writes:
+            return
         keep = [(k, t) for k, t in zip(pending.layout, pending.parts) if k[0] != "act_hist_src"]
         host = stats.to_host([t for _, t in keep])
         items = [(k, v) for (k, _), v in zip(keep, host)]
@@ -719,6 +746,26 @@ class Watcher:
             self._write_table()
         self.writer._submit(pending.step, health, extras)
 
+    def _pool_across_ranks(self, pending: _Pending) -> None:
+        """Replace this rank's statistics by the whole job's, in one all_reduce (see `tbdiag.distributed`)."""
+        pooled = {"act": "act", "dead": "dead", "sat": "frac", "w_norm": "norm", "g_norm": "norm", "u_norm": "norm"}
+        world = self.rank.world
+        at, kinds, weights = [], [], []
+        for j, (kind, key) in enumerate(pending.layout):
+            if kind not in pooled:
+                continue
+            at.append(j)
+            kinds.append(pooled[kind])
+            if pooled[kind] == "norm":
+                keys = range(len(self._sharded)) if key is None else key
+                weights.append([1.0 if self._sharded[k] else 1.0 / world for k in keys])
+            else:
+                weights.append(pending.weights[j])
+        if at:
+            reduced = distributed.reduce_parts([pending.parts[j] for j in at], kinds, weights, world)
+            for j, value in zip(at, reduced):
+                pending.parts[j] = value
+
     def _count_nonfinite(self, items) -> dict[tuple[str, int], float]:
         counts: dict[tuple[str, int], float] = {}
         params = [p for _, p, _ in self._param_index]
@@ -729,7 +776,7 @@ class Watcher:
             bad = [k for k, v in zip(keys, values) if not math.isfinite(float(v))]
             if not bad:
                 continue
-            tensors = [params[k] if kind == "w_norm" else params[k].grad for k in bad]
+            tensors = [_local(params[k] if kind == "w_norm" else params[k].grad) for k in bad]
             with torch.no_grad():
                 host = stats.nonfinite_counts(tensors).cpu().numpy()
             for k, c in zip(bad, host):

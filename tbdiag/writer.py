@@ -9,6 +9,7 @@ pays only for the on-device reductions and their single host transfer.
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import threading
 import warnings
@@ -21,7 +22,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from . import images, recordio, schema, stats
+from . import distributed, images, recordio, schema, stats
 from .hooks import Watcher
 from .modelinfo import summary_markdown
 
@@ -40,9 +41,22 @@ class DiagnosticWriter(SummaryWriter):
             optimizer.zero_grad(); loss.backward(); optimizer.step()
             writer.add_scalar("train/loss", loss.item(), step)
         writer.close()
+
+    Under ``torch.distributed`` (``torchrun``) create it on every rank with
+    the same ``log_dir``: rank 0 writes one run whose statistics cover the
+    global batch, the other ranks write nothing (their ``add_*`` calls are
+    dropped, so a loss logged on every rank is logged once).  With
+    ``per_rank=True`` each rank writes its own run, ``<log_dir>/rank<r>``,
+    with its local statistics.  See `tbdiag.distributed`.
     """
 
-    def __init__(self, log_dir: str | None = None, *args: Any, **kwargs: Any):
+    def __init__(self, log_dir: str | None = None, *args: Any, per_rank: bool = False, **kwargs: Any):
+        self.rank = distributed.current(per_rank)
+        if self.rank is not None and per_rank:
+            if log_dir is None:
+                raise ValueError("per_rank=True needs a log_dir shared by every rank, e.g. DiagnosticWriter('runs/exp1', "
+                                 "per_rank=True)")
+            log_dir = os.path.join(log_dir, f"rank{self.rank.rank}")
         super().__init__(log_dir, *args, **kwargs)
         self._watchers: list[Watcher] = []
         self._jobs: "queue.Queue[Callable[[], None] | None]" = queue.Queue()
@@ -57,6 +71,11 @@ class DiagnosticWriter(SummaryWriter):
 
         Same bytes on disk (`tbdiag.recordio`); unchanged when no C CRC32C package is installed.
         """
+        if self.rank is not None and not self.rank.writes:
+            if self.file_writer is None:  # this rank writes no event files: rank 0 writes the run
+                self.file_writer = _NullFileWriter(self.log_dir)
+                self.all_writers = {self.log_dir: self.file_writer}
+            return self.file_writer
         file_writer = super()._get_file_writer()
         if getattr(self, "_fast_records_for", None) is not file_writer:
             self._fast_records_for = file_writer
@@ -214,6 +233,26 @@ class DiagnosticWriter(SummaryWriter):
 
     def _write_graph(self, events: Sequence[event_pb2.Event]) -> None:
         self._enqueue(lambda: [self._get_file_writer().add_event(event) for event in events])
+
+
+class _NullFileWriter:
+    """The file writer of a rank that writes no event files: accepts everything, writes nothing."""
+
+    def __init__(self, log_dir: str):
+        self._log_dir = log_dir
+
+    def get_logdir(self) -> str:
+        return self._log_dir
+
+    def add_event(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    add_summary = add_graph = add_onnx_graph = add_event
+
+    def flush(self) -> None:
+        pass
+
+    close = reopen = flush
 
 
 def _flush_at_exit(ref: "weakref.ref[DiagnosticWriter]") -> None:

@@ -1,0 +1,70 @@
+"""Distributed training under real ``torchrun`` (2 processes, gloo, CPU): one run, pooled statistics."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator as ea
+
+from tbdiag.reader import load_logdir
+
+HERE = os.path.dirname(__file__)
+SCRIPT = os.path.join(HERE, "distributed_train.py")
+POOLED = ("act_mean", "act_std", "dead_frac", "grad_norm", "weight_norm", "update_ratio")
+
+
+def _launch(logdir: str, mode: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    if mode == "single":
+        cmd = [sys.executable, SCRIPT, logdir, mode]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT, logdir,
+               mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    stderr = {mode: _launch(str(root / mode), mode) for mode in ("single", "every-rank", "rank0", "per-rank", "fsdp")}
+    return str(root), {r.name: r for r in load_logdir(str(root))}, stderr
+
+
+def _event_files(path):
+    return sorted(f for f in os.listdir(path) if f.startswith("events.out.tfevents"))
+
+
+@pytest.mark.parametrize("mode", ["every-rank", "fsdp"])
+def test_every_rank_watching_gives_one_run_with_global_batch_statistics(runs, mode):
+    root, by_name, _ = runs
+    assert len(_event_files(os.path.join(root, mode))) == 1, "only rank 0 writes event files"
+    run, single = by_name[mode], by_name["single"]
+    assert list(run.steps) == [0, 3, 6] and run.layer_names == ["fc1", "fc2", "head"]  # no `module.` prefix
+    # pooled over both ranks' halves == one process on the whole global batch
+    for col in POOLED:
+        np.testing.assert_allclose(run.column(col), single.column(col), rtol=1e-4, atol=1e-6, err_msg=col)
+    acc = ea.EventAccumulator(os.path.join(root, mode), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(7)), "the loss every rank logs is written once"
+    assert acc.Tags()["graph"]
+
+
+def test_only_rank0_watching_a_batchnorm_model_trains_and_says_what_it_covers(runs):
+    root, by_name, stderr = runs
+    run = by_name["rank0"]
+    assert list(run.steps) == [0, 3, 6] and "bn" in run.layer_names
+    assert np.isfinite(run.column("grad_norm")).all()
+    assert "statistics cover rank 0's batch only" in stderr["rank0"]
+
+
+def test_per_rank_mode_writes_one_run_per_rank_with_local_statistics(runs):
+    root, by_name, _ = runs
+    assert {"per-rank/rank0", "per-rank/rank1"} <= set(by_name)
+    a, b = by_name["per-rank/rank0"], by_name["per-rank/rank1"]
+    assert list(a.steps) == list(b.steps) == [0, 3, 6]
+    assert not np.allclose(a.column("act_mean"), b.column("act_mean")), "each rank's own batch"
+    np.testing.assert_allclose(a.column("grad_norm"), b.column("grad_norm"), rtol=1e-5)  # DDP-averaged
