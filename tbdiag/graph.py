@@ -89,14 +89,20 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None) -> tuple[gr
     attempts.append((bound, bound.inputs, False))
     errors: list[Exception] = []
     for module, inputs, strict in attempts:
-        try:
-            with _untouched(model), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                graph_def, run_metadata = graph(module, inputs, verbose=False, use_strict_trace=strict)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with _untouched(model):
+                    graph_def, run_metadata = graph(module, inputs, verbose=False, use_strict_trace=strict)
+            except Exception as e:  # jit.trace raises many kinds of errors
+                errors.append(e)
+                graph_def = None
+        for w in caught:  # tbdiag's own warnings raised during the trace (a tripped shield) still reach the user
+            if "tbdiag" in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if graph_def is not None:
             notes = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
             return graph_def, run_metadata, notes
-        except Exception as e:  # jit.trace raises many kinds of errors
-            errors.append(e)
     raise errors[-1]
 
 

@@ -320,10 +320,10 @@ class Watcher:
         self._layer_hook_guard = guard("layer hook", lambda i, module, args, output: self._layer_hook(i, args, output))
         self._spy_activation = guard("activation spy", self._on_activation)
         self._act_pre_guard = guard("layer hook", lambda i, module, args: self._act_stack.append(i))
+        self._graph_guard = guard("graph", self._log_graph)
         if example_input is not None and self.log_graph:
             self._graph_done = True
-            guard("graph", self._log_graph)(self.model,
-                                            example_input if isinstance(example_input, tuple) else (example_input,), {})
+            self._graph_guard(self.model, example_input if isinstance(example_input, tuple) else (example_input,), {})
 
     def _describe(self) -> str:
         return f"{type(self.model).__name__} (DiagnosticWriter log_dir={self.writer.log_dir!r}, step {self.step})"
@@ -442,7 +442,9 @@ class Watcher:
             self._entry_hooks.clear()
         if not self._graph_done and not any(is_lazy(p) for p in module.parameters()):
             self._graph_done = True  # (lazy modules are traced once their shapes are known)
-            self._log_graph(module, args, kwargs)
+            self._graph_guard(module, args, kwargs)
+            if self.shield.tripped:
+                return None
         step = self.step
         if step % self.log_every != 0:
             return None
