@@ -145,6 +145,8 @@ class _Layer:
     info: schema.LayerInfo
     activation_kind: str | None = None  # "relu", "sigmoid" or "tanh" for activation modules
     order: int = -1  # first-forward position, fixed at the first logging step
+    row: int = -1  # position in the layer table (`Watcher.layers`)
+    hooks: tuple | None = None  # this layer's forward hook and activation pre-hook, made once
 
 
 class _ActivationSpy(TorchFunctionMode):
@@ -207,6 +209,7 @@ class Watcher:
         max_image_channels: int = 16,
         loss_tags: Sequence[str] | None = None,
         grad_scaler: Any = None,
+        scalars: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
@@ -237,6 +240,7 @@ class Watcher:
         self.max_image_channels = max_image_channels
         self.loss_tags = list(loss_tags) if loss_tags is not None else None
         self.grad_scaler = grad_scaler
+        self.scalars = scalars
         self.rank = writer.rank  # None outside torch.distributed
         if self.rank is not None and not self.rank.writes:  # what only rank 0 writes, only rank 0 measures
             self.histograms, self.images_every, self.log_graph = False, 0, False
@@ -270,9 +274,10 @@ class Watcher:
         self._recorded: set[int] = set()
         self._prev_weight_norms: np.ndarray | None = None
         self._prev_weights: list[torch.Tensor] | None = None
+        self._prev_at: dict[int, int] = {}  # parameter position -> its copy in _prev_weights
         self._kept_weights: list[torch.Tensor] | None = None  # CPU only: reused buffers for _prev_weights
         self._param_index_cache: list[tuple[int, nn.Parameter, str]] | None = None
-        self._graph_done = not log_graph
+        self._graph_done = not self.log_graph
         self._table_written = False
         self._backward_queued = False
         self._removed = False
@@ -288,6 +293,8 @@ class Watcher:
     def _install(self, example_input: Any) -> None:
         guard = self.shield.guard
         self.layers = self._discover(self.model)
+        for row, layer in enumerate(self.layers):
+            layer.row = row
         if self.optimizer is not None:
             in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
             trainable_all = [p for _, p, _ in self._iter_params() if p.requires_grad]
@@ -317,9 +324,9 @@ class Watcher:
         else:
             self._output_grad_hook = guard("gradient hook", self._on_output_grad)
             self._after_backward_callback = guard("backward callback", self._after_backward)
-        self._layer_hook_guard = guard("layer hook", lambda i, module, args, output: self._layer_hook(i, args, output))
+        self._layer_hook_guard = guard("layer hook", lambda layer, module, args, output: self._layer_hook(layer.row, args, output))
         self._spy_activation = guard("activation spy", self._on_activation)
-        self._act_pre_guard = guard("layer hook", lambda i, module, args: self._act_stack.append(i))
+        self._act_pre_guard = guard("layer hook", lambda layer, module, args: self._act_stack.append(layer.row))
         self._graph_guard = guard("graph", self._log_graph)
         if example_input is not None and self.log_graph:
             self._graph_done = True
@@ -509,10 +516,14 @@ class Watcher:
 
     # with an optimizer: a step is one optimizer.step()
     def _opt_pre(self, optimizer, args, kwargs) -> None:
-        if self._pending is not None and self._pending.step == self.step:
+        # Due to be logged, whether or not its forward has run yet: with a closure (LBFGS, Lightning) the
+        # forward and backward run inside optimizer.step(), after this hook.
+        if self.step % self.log_every == 0 and (self._pending is None or self._pending.step == self.step):
             with torch.no_grad():
-                live = [_local(p.detach()) for _, p, _ in self._param_index if p.grad is not None]
-                self._prev_weights = self._weight_copies(live) if live else None
+                trainable = [(k, _local(p.detach())) for k, (_, p, _) in enumerate(self._param_index)
+                             if p.requires_grad]
+                self._prev_at = {k: j for j, (k, _) in enumerate(trainable)}
+                self._prev_weights = self._weight_copies([t for _, t in trainable]) if trainable else None
         return None
 
     def _weight_copies(self, live: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -549,11 +560,14 @@ class Watcher:
         self._producers.clear()
         self._act_stack.clear()
         for i, layer in enumerate(self.layers):
-            hook = functools.partial(self._layer_hook_guard, i)
-            self._temp_hooks.append(("post", layer.module.register_forward_hook(hook)))
+            # the same hook objects at every logging step: torch.compile guards on them, so fresh ones would
+            # recompile the model at every logging step
+            if layer.hooks is None:
+                layer.hooks = (functools.partial(self._layer_hook_guard, layer),
+                               functools.partial(self._act_pre_guard, layer))
+            self._temp_hooks.append(("post", layer.module.register_forward_hook(layer.hooks[0])))
             if layer.is_activation:
-                pre = functools.partial(self._act_pre_guard, i)
-                self._temp_hooks.append(("pre", layer.module.register_forward_pre_hook(pre)))
+                self._temp_hooks.append(("pre", layer.module.register_forward_pre_hook(layer.hooks[1])))
         if self._functional_activations or self._spy_due:
             self._spy = _ActivationSpy(self)
             self._spy.__enter__()
@@ -681,12 +695,14 @@ class Watcher:
                 if grads:
                     g_norm = stats.norms(grads)
                     pending.add("g_norm", with_grad, g_norm / unscale if unscale is not None else g_norm)
-                if (update and with_grad and self._prev_weights is not None
-                        and len(self._prev_weights) == len(with_grad)):
+                updated = [k for k in with_grad if k in self._prev_at]
+                if update and updated and self._prev_weights is not None:
                     # the copies are ours: subtract in place (no new buffer); |w0 - w1| == |w1 - w0|
-                    torch._foreach_sub_(self._prev_weights, [params[k].detach() for k in with_grad])
-                    pending.add("u_norm", with_grad, stats.norms(self._prev_weights))
+                    before = [self._prev_weights[self._prev_at[k]] for k in updated]
+                    torch._foreach_sub_(before, [params[k].detach() for k in updated])
+                    pending.add("u_norm", updated, stats.norms(before))
                 self._prev_weights = None
+                self._prev_at = {}
                 # histograms: only the (sampled) values go to the host; binning happens on the writer thread
                 if self.histograms:
                     for kind, tensors, keys in (("p_hist", params, list(range(len(params)))),
@@ -858,10 +874,10 @@ class Watcher:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(denom > 0, num / denom, np.nan)
             health[has_u, col["update_ratio"]] = ratio[has_u]
-        if has_g.any():
+        if has_g.any() and self.scalars:
             # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ would report it
             extras["scalars"].append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[has_g] ** 2)))))
-        for gi, lr in enumerate(data["lrs"]):
+        for gi, lr in enumerate(data["lrs"] if self.scalars else ()):
             extras["scalars"].append((f"train/lr/group{gi}", lr))
         return health, extras
 
@@ -886,6 +902,8 @@ class Watcher:
         position = {id(l): j for j, l in enumerate(new_order)}
         old_to_new = [position[id(l)] for l in self.layers]
         self.layers = new_order
+        for row, layer in enumerate(self.layers):
+            layer.row = row
         self._param_index_cache = [(old_to_new[li], p, name) for li, p, name in self._param_index]
         self._dead_history = {old_to_new[i]: masks for i, masks in self._dead_history.items()}
         layer_keyed = {"act", "dead", "sat", "image"}

@@ -99,6 +99,7 @@ class DiagnosticWriter(SummaryWriter):
         max_image_channels: int = 16,
         loss_tags: Sequence[str] | None = None,
         grad_scaler: Any = None,
+        scalars: bool = True,
     ) -> Watcher:
         """Observe ``model`` (and ``optimizer``) and log diagnostics every ``log_every`` steps.
 
@@ -122,6 +123,9 @@ class DiagnosticWriter(SummaryWriter):
                 there is no ``optimizer``: gradients are logged unscaled.  With
                 an optimizer it is not needed (the optimizer steps on unscaled
                 gradients: ``scaler.step`` unscales first).
+            scalars: the learning-rate and global gradient-norm scalars
+                (``train/lr/group<i>``, ``train/grad_norm``); off where the
+                training framework logs its own under the same tags.
 
         The model may be wrapped (DDP, ``torch.compile``): hooks go on the
         user's own module and layer names carry no wrapper prefix.  So may the
@@ -141,7 +145,7 @@ class DiagnosticWriter(SummaryWriter):
             log_graph=log_graph, example_input=example_input, histograms=histograms,
             activation_histograms=activation_histograms, images_every=images_every,
             max_image_layers=max_image_layers, max_image_channels=max_image_channels, loss_tags=loss_tags,
-            grad_scaler=grad_scaler,
+            grad_scaler=grad_scaler, scalars=scalars,
         )
         self._watchers.append(watcher)
         return watcher
