@@ -126,7 +126,8 @@ def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor, as one float32 vector (one fused kernel per device and dtype)."""
     if not tensors:
         return torch.zeros(0)
-    return torch.stack([n.float() for n in torch._foreach_norm([t.detach() for t in tensors])])
+    # accumulated in float32 whatever the tensors' dtype (bfloat16/float16 models): a norm is a long sum
+    return torch.stack(torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32))
 
 
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
