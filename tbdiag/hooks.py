@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from . import distributed, graph, schema, stats
 from .modelinfo import macs_of, type_name
@@ -110,6 +111,18 @@ def _no_autocast(t: torch.Tensor | None) -> contextlib.AbstractContextManager:
         if torch.is_autocast_enabled(dt):
             return torch.autocast(device_type=dt, enabled=False)
     return contextlib.nullcontext()
+
+
+def _grad_tensor(output: Any) -> torch.Tensor | None:
+    """A tensor of a module's output that gradients will flow back through, if any."""
+    first = first_tensor(output)
+    if first is not None and first.requires_grad:
+        return first
+    try:
+        leaves = pytree.tree_leaves(output)
+    except Exception:  # an output type pytree cannot take apart
+        return None
+    return next((t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad), None)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -483,9 +496,11 @@ class Watcher:
         self._end_forward()
         self._window = None
         if self.optimizer is None and self._is_training_forward():
-            out = first_tensor(output)
-            if out is not None and out.requires_grad:
+            out = _grad_tensor(output)
+            if out is not None:
                 out.register_hook(self._output_grad_hook)
+            else:  # no gradient will flow back through the model (frozen): the forward is the step
+                self._after_backward()
         return None
 
     def _check_precision(self) -> None:

@@ -107,7 +107,9 @@ class DiagnosticWriter(SummaryWriter):
             model: the module being trained.
             optimizer: the optimizer stepping it.  With it, a step is one
                 ``optimizer.step()`` and the update-to-weight ratio is measured;
-                without it, a step is one backward pass through the model.
+                without it, a step is one backward pass through the model (or
+                one training forward, where no gradient flows back through
+                it: a frozen model).
             log_every: steps between logging steps (step 0 is always logged).
             log_graph: log the model graph once (traced from ``example_input``
                 or from the first training forward's inputs).

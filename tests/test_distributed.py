@@ -59,6 +59,10 @@ def test_only_rank0_watching_a_batchnorm_model_trains_and_says_what_it_covers(ru
     assert list(run.steps) == [0, 3, 6] and "bn" in run.layer_names
     assert np.isfinite(run.column("grad_norm")).all()
     assert "statistics cover rank 0's batch only" in stderr["rank0"]
+    acc = ea.EventAccumulator(os.path.join(root, "rank0"))
+    acc.Reload()
+    assert acc.Tags()["graph"], "traced on the module inside DDP: no collective on one rank"
+    assert "could not trace" not in stderr["rank0"]
 
 
 def test_per_rank_mode_writes_one_run_per_rank_with_local_statistics(runs):
