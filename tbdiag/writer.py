@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from . import distributed, images, recordio, schema, stats
-from .hooks import Watcher
+from .assembly import StepRecord
+from .watcher import Watcher
 from .modelinfo import summary_markdown
 
 SUMMARY_TAG = "tbdiag/model_summary"
@@ -196,49 +197,46 @@ class DiagnosticWriter(SummaryWriter):
         if self._worker is not None:
             self._jobs.join()
 
-    # -------------------------------------------------- called by the watcher
+    # ------------------------------------------- what the watcher hands over
+
+    def write_step(self, record: StepRecord) -> None:
+        """Write one logging step (health table, scalars, histograms, images), on the background thread."""
+        if self._chunk_first is None or self._chunk_count >= schema.STEPS_PER_TAG:
+            self._chunk_first, self._chunk_count = record.step, 0
+        self._chunk_count += 1
+        tag_step = self._chunk_first
+        self._enqueue(lambda: self._write_step(record, tag_step))
+
+    def write_layer_table(self, table: schema.LayerTable) -> None:
+        """Write the layer table (read by the rules) and the model summary (the Text tab)."""
+        summary, text = schema.encode_layers(table), summary_markdown(table)
+        self._enqueue(lambda: (self._add(summary, 0), self.add_text(SUMMARY_TAG, text, 0)))
+
+    def write_graph(self, events: Sequence[event_pb2.Event]) -> None:
+        """Write the events that put the model graph in the Graphs tab (see `tbdiag.graph`)."""
+        self._enqueue(lambda: [self._get_file_writer().add_event(event) for event in events])
 
     def _add(self, summary: summary_pb2.Summary, step: int) -> None:
         self._get_file_writer().add_summary(summary, step)
 
-    def _submit(self, step: int, health: np.ndarray, extras: dict) -> None:
-        if self._chunk_first is None or self._chunk_count >= schema.STEPS_PER_TAG:
-            self._chunk_first, self._chunk_count = step, 0
-        self._chunk_count += 1
-        tag_step = self._chunk_first
-        self._enqueue(lambda: self._write_step(step, tag_step, health, extras))
-
-    def _write_step(self, step: int, tag_step: int, health: np.ndarray, extras: dict) -> None:
+    def _write_step(self, record: StepRecord, tag_step: int) -> None:
         # metadata on the first value of each health tag in this writer's file only (see encode_health)
         file_writer = self._get_file_writer()
         last = self._health_tag_written
         first_of_tag = last is None or last[0] is not file_writer or last[1] != tag_step
         self._health_tag_written = (file_writer, tag_step)
-        self._add(schema.encode_health(tag_step, health, with_metadata=first_of_tag), step)
-        for tag, value in extras["scalars"]:
+        step = record.step
+        self._add(schema.encode_health(tag_step, record.health, with_metadata=first_of_tag), step)
+        for tag, value in record.scalars:
             self.add_scalar(tag, value, step)
         # every histogram of the step in one Summary: one event and one record instead of one per tensor
         values = []
-        if extras["histograms"]:
-            tags, rows, numels = zip(*extras["histograms"])
-            values += _histogram_values(tags, np.stack(rows), numels)
-        for tags, samples, lengths, scales, numels in extras.get("histogram_samples", ()):
+        for tags, samples, lengths, scales, numels in record.histogram_samples:
             values += _histogram_values(tags, stats.host_histograms(samples, lengths, scales), numels)
         if values:
             self._add(summary_pb2.Summary(value=values), step)
-        for tag, grid in extras["images"]:
+        for tag, grid in record.images:
             self._add(images.image_summary(tag, grid), step)
-
-    def _submit_table(self, table: schema.LayerTable) -> None:
-        summary = schema.encode_layers(table)
-        self._enqueue(lambda: self._add(summary, 0))
-
-    def _submit_summary_text(self, table: schema.LayerTable) -> None:
-        text = summary_markdown(table)
-        self._enqueue(lambda: self.add_text(SUMMARY_TAG, text, 0))
-
-    def _write_graph(self, events: Sequence[event_pb2.Event]) -> None:
-        self._enqueue(lambda: [self._get_file_writer().add_event(event) for event in events])
 
 
 class _NullFileWriter:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import scenarios
-from tbdiag import DiagnosticWriter, hooks, stats
-from tbdiag.hooks import Watcher
+from tbdiag import DiagnosticWriter, stats, watcher
+from tbdiag.watcher import Watcher
 from test_writer import DropoutCNN
 
 STEPS = 8
@@ -130,4 +130,4 @@ def test_remove_and_close_leave_nothing_behind_even_mid_logging_step(tmp_path):
     _no_hooks_left(model, opt)
     opt.zero_grad(); loss.backward(); opt.step()
     writer.close()
-    assert hooks._WATCHED.get(model) is None
+    assert watcher._WATCHED.get(model) is None

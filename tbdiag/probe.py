@@ -1,0 +1,251 @@
+"""What is measured on the device in one logging step, up to its single host transfer.
+
+A `StepProbe` lives for one logging step.  The watcher's hooks feed it
+layer outputs (`record_output`), activation calls (`on_activation`) and, at
+the end of the step, the parameters (`collect_params`); every reduction is
+launched on the model's device as the data goes by, nothing waits for the
+device, and `to_host` copies everything in one transfer.  In a distributed
+job `pool_across_ranks` replaces this rank's numbers by the whole job's in
+one collective first.  Its items are documented in `tbdiag.assembly`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import distributed, stats
+from .layers import Layer
+from .modelinfo import macs_of
+
+#: How each item kind pools across ranks (`distributed.reduce_parts`); other kinds stay rank 0's own.
+_POOLED = {"act": "act", "dead": "dead", "sat": "frac", "w_norm": "norm", "g_norm": "norm", "u_norm": "norm"}
+
+
+def no_autocast(t: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """Statistics in float32 whatever autocast the user's forward runs under."""
+    device_type = t.device.type if t is not None else None
+    for dt in ((device_type,) if device_type in ("cpu", "cuda") else ("cpu", "cuda")):
+        if torch.is_autocast_enabled(dt):
+            return torch.autocast(device_type=dt, enabled=False)
+    return contextlib.nullcontext()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor's local shard (FSDP2); any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
+
+
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """Identifies the memory a tensor lives in: an activation's input is matched to the layer that wrote it."""
+    try:
+        return (str(t.device), t.untyped_storage().data_ptr())
+    except RuntimeError:  # tensors without storage (e.g. some subclasses)
+        return (str(t.device), id(t))
+
+
+@dataclass
+class ProbeOptions:
+    """What a logging step measures besides the health statistics."""
+
+    param_histograms: bool = True
+    activation_histograms: bool = True
+    images: bool = False
+    max_image_layers: int = 8
+    max_image_channels: int = 16
+
+
+@dataclass
+class StepProbe:
+    """Device tensors of one logging step, waiting for the single host transfer."""
+
+    step: int
+    options: ProbeOptions
+    parts: list[torch.Tensor] = field(default_factory=list)
+    layout: list[tuple[str, Any]] = field(default_factory=list)
+    weights: list[Any] = field(default_factory=list)  # how a part pools across ranks (element counts)
+    # histogram kind -> (sample lengths, numel / length), known on the host from shapes alone
+    hist_meta: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    recorded: set[int] = field(default_factory=set)
+    producers: dict[tuple[str, int], int] = field(default_factory=dict)  # output storage -> layer row
+    act_seen: dict[int, tuple[str, torch.Tensor, int]] = field(default_factory=dict)  # row -> kind, value, numel
+    order_counter: int = 0
+
+    def add(self, kind: str, key: Any, tensor: torch.Tensor, weight: Any = None) -> None:
+        self.parts.append(tensor)
+        self.layout.append((kind, key))
+        self.weights.append(weight)
+
+    def record_output(self, layer: Layer, args: tuple, out: torch.Tensor, describe: bool) -> None:
+        """A layer's output: its moments, a histogram sample, feature maps; its shape and MACs when ``describe``."""
+        row = layer.row
+        if describe and layer.order < 0:
+            layer.order = self.order_counter
+            layer.info.output_shape = list(out.shape)
+            layer.info.macs = macs_of(layer.module, args, out)
+        self.order_counter += 1
+        self.producers[storage_key(out)] = row
+        if not out.is_floating_point() or row in self.recorded:
+            return  # integer outputs; a module called twice in one forward keeps its first call
+        self.recorded.add(row)
+        if not layer.is_activation:
+            # An activation module's output is summarised where it matters: its dead or saturated
+            # fraction, on the layer that fed it.  Its mean/std would add a row of reductions per
+            # activation (half the layers of a Linear+ReLU stack) to every logging step.
+            self.add("act", row, stats.activation_stats(out), float(out.numel()))
+        if self.options.activation_histograms and layer.params:
+            self.add("act_hist_src", row, stats.histogram_sample(out))
+        if self.options.images and layer.is_conv and out.dim() >= 3:
+            if sum(1 for kind, _ in self.layout if kind == "image") < self.options.max_image_layers:
+                self.add("image", row, stats.feature_grid(out, self.options.max_image_channels))
+
+    def on_activation(self, layer: Layer, kind: str, out: torch.Tensor) -> None:
+        """An activation of ``kind`` produced ``out`` from ``layer``'s output: its dead or saturated units."""
+        if kind == "relu":  # per-unit mask; several calls in one forward: dead only if dead in all
+            value = stats.dead_units(out, stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4))
+        else:  # several calls (shared module, recurrent loop): the worst one counts
+            value = stats.saturated_fraction(out, kind)
+        prev = self.act_seen.get(layer.row)
+        if prev is not None and prev[0] == kind and prev[1].shape == value.shape:
+            value = prev[1] & value if kind == "relu" else torch.maximum(prev[1], value)
+        self.act_seen[layer.row] = (kind, value, out.numel())
+
+    def flush_activations(self) -> dict[int, str]:
+        """Move the activation results into the step's parts; returns which activation consumes which row."""
+        for row, (kind, value, n) in self.act_seen.items():
+            if kind == "relu":
+                # the per-unit mask itself goes to the host (a few bytes per unit): fractions and the
+                # persistence over logged batches are computed there (`Assembler.dead_fractions`)
+                self.add("dead", row, value.reshape(-1))
+            else:
+                self.add("sat", row, value.reshape(1), float(n))
+        kinds = {row: kind for row, (kind, _, _) in self.act_seen.items()}
+        self.act_seen.clear()
+        return kinds
+
+    def collect_params(self, params: list[torch.Tensor], grads: list[torch.Tensor], with_grad: list[int],
+                       update: tuple[list[int], list[torch.Tensor]] | None, unscale: torch.Tensor | None) -> None:
+        """Norms and histogram samples of parameters, gradients (divided by ``unscale``) and updates.
+
+        ``update`` is ``(positions, weights before the step)``: the copies are
+        the probe's to overwrite (|w0 - w1| == |w1 - w0|, no new buffer).
+        """
+        if params:
+            self.add("w_norm", None, stats.norms(params))
+        if grads:
+            g_norm = stats.norms(grads)
+            self.add("g_norm", with_grad, g_norm / unscale if unscale is not None else g_norm)
+        if update is not None and update[0]:
+            positions, before = update
+            torch._foreach_sub_(before, [params[k].detach() for k in positions])
+            self.add("u_norm", positions, stats.norms(before))
+        if self.options.param_histograms:  # only (sampled) values go to the host; binned on the writer thread
+            for kind, tensors, keys in (("p_hist", params, list(range(len(params)))), ("g_hist", grads, with_grad)):
+                if tensors:
+                    flat, lengths, scales = stats.histogram_samples(tensors)
+                    if kind == "g_hist" and unscale is not None:
+                        flat = flat / unscale
+                    self.add(kind, keys, flat)
+                    self.hist_meta[kind] = (lengths, scales)
+        act_src = [(key, t) for (kind, key), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
+        if act_src:
+            flat, lengths, scales = stats.histogram_samples([t for _, t in act_src], sampled=True)
+            self.add("a_hist", [key for key, _ in act_src], flat)
+            self.hist_meta["a_hist"] = (lengths, scales)
+
+    def pool_across_ranks(self, world: int, sharded: list[bool]) -> None:
+        """Replace this rank's statistics by the whole job's, in one all_reduce (see `tbdiag.distributed`)."""
+        at, kinds, weights = [], [], []
+        for j, (kind, key) in enumerate(self.layout):
+            if kind not in _POOLED:
+                continue
+            at.append(j)
+            kinds.append(_POOLED[kind])
+            if _POOLED[kind] == "norm":
+                keys = range(len(sharded)) if key is None else key
+                weights.append([1.0 if sharded[k] else 1.0 / world for k in keys])
+            else:
+                weights.append(self.weights[j])
+        if at:
+            for j, value in zip(at, distributed.reduce_parts([self.parts[j] for j in at], kinds, weights, world)):
+                self.parts[j] = value
+
+    @property
+    def on_meta(self) -> bool:
+        return any(t.is_meta for t in self.parts)
+
+    def to_host(self) -> list[tuple[tuple[str, Any], np.ndarray]]:
+        """Every measurement of the step on the host, in one transfer."""
+        keep = [(k, t) for k, t in zip(self.layout, self.parts) if k[0] != "act_hist_src"]
+        return list(zip((k for k, _ in keep), stats.to_host([t for _, t in keep])))
+
+
+def count_nonfinite(items: list, params: list[torch.Tensor]) -> dict[tuple[str, int], float]:
+    """Exact NaN/Inf counts, only where a norm says there are some: never on a healthy step."""
+    counts: dict[tuple[str, int], float] = {}
+    for (kind, keys), values in items:
+        if kind not in ("w_norm", "g_norm"):
+            continue
+        keys = list(range(len(params))) if keys is None else keys
+        bad = [k for k, v in zip(keys, values) if not math.isfinite(float(v))]
+        if not bad:
+            continue
+        tensors = [local(params[k] if kind == "w_norm" else params[k].grad) for k in bad]
+        with torch.no_grad():
+            host = stats.nonfinite_counts(tensors).cpu().numpy()
+        counts.update(((kind, k), float(c)) for k, c in zip(bad, host))
+    return counts
+
+
+def grad_scale(scaler: Any, device: torch.device) -> torch.Tensor | None:
+    """A GradScaler's current scale as a device tensor (no host sync), or None without an enabled one."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    scale = getattr(scaler, "_scale", None)  # torch's GradScaler keeps it on the device
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scaler.get_scale()))
+    return scale.to(device=device, dtype=torch.float32).reshape(())
+
+
+class WeightCopies:
+    """The weights before an optimizer step, for the update ratio.
+
+    On the CPU the copies are kept and refilled at every logging step: fresh
+    multi-megabyte allocations cost page faults, about ten times the copy
+    itself.  On accelerators (caching allocators) they are allocated per
+    logging step and freed after it.
+    """
+
+    def __init__(self) -> None:
+        self._kept: list[torch.Tensor] | None = None
+        self._taken: tuple[dict[int, int], list[torch.Tensor]] | None = None
+
+    def capture(self, positions: list[int], live: list[torch.Tensor]) -> None:
+        """Copy ``live`` (the parameters at ``positions``) before the step."""
+        self._taken = None
+        if not live:  # nothing trainable (a frozen model stepped by another module's optimizer)
+            return
+        kept = self._kept
+        if (kept is not None and len(kept) == len(live)
+                and all(k.shape == t.shape and k.dtype == t.dtype and k.device == t.device for k, t in zip(kept, live))):
+            torch._foreach_copy_(kept, live)
+            copies = kept
+        else:
+            copies = [t.clone() for t in live]
+            self._kept = copies if all(t.device.type == "cpu" for t in live) else None
+        self._taken = ({k: j for j, k in enumerate(positions)}, copies)
+
+    def take(self, with_grad: list[int]) -> tuple[list[int], list[torch.Tensor]] | None:
+        """``(positions, copies)`` of the captured parameters that received a gradient; forgets the capture."""
+        taken, self._taken = self._taken, None
+        if taken is None:
+            return None
+        at, copies = taken
+        positions = [k for k in with_grad if k in at]
+        return positions, [copies[at[k]] for k in positions]
