@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import scenarios
 from tbdiag import DiagnosticWriter, stats, watcher
+from tbdiag.forward_tap import ForwardTap
 from tbdiag.watcher import Watcher
 from test_writer import DropoutCNN
 
@@ -56,7 +57,7 @@ ENTRIES = [
     ("forward pre-hook", (Watcher, "_entry_pre"), 3, True),
     ("forward hook", (Watcher, "_entry_post"), 3, True),
     ("layer hook", (stats, "activation_stats"), 9, True),
-    ("activation spy", (Watcher, "_on_activation"), 4, True),
+    ("activation spy", (ForwardTap, "on_activation"), 4, True),
     ("optimizer step pre-hook", (Watcher, "_opt_pre"), 2, True),
     ("optimizer step hook", (Watcher, "_opt_post"), 2, True),
     ("gradient hook", (Watcher, "_on_output_grad"), 2, False),
@@ -104,7 +105,7 @@ def test_a_fault_while_the_users_forward_raises_leaves_the_users_exception(tmp_p
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     writer = DiagnosticWriter(str(tmp_path))
     writer.watch(model, opt, log_every=1)
-    monkeypatch.setattr(Watcher, "_end_forward", _faulty(Watcher._end_forward, 0))
+    monkeypatch.setattr(ForwardTap, "close", _faulty(ForwardTap.close, 0))
     x, y = scenarios.teacher_data(8, (3, 32, 32))
     model.explode = True
     with warnings.catch_warnings(record=True) as caught:
