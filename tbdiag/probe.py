@@ -75,6 +75,7 @@ class StepProbe:
     recorded: set[int] = field(default_factory=set)
     producers: dict[tuple[str, int], int] = field(default_factory=dict)  # output storage -> layer row
     act_seen: dict[int, tuple[str, torch.Tensor, int]] = field(default_factory=dict)  # row -> kind, value, numel
+    images: dict[int, int] = field(default_factory=dict)  # layer row -> position of its feature maps in parts
     order_counter: int = 0
 
     def add(self, kind: str, key: Any, tensor: torch.Tensor, weight: Any = None) -> None:
@@ -101,9 +102,10 @@ class StepProbe:
             self.add("act", row, stats.activation_stats(out), float(out.numel()))
         if self.options.activation_histograms and layer.params:
             self.add("act_hist_src", row, stats.histogram_sample(out))
-        if self.options.images and layer.is_conv and out.dim() >= 3:
-            if sum(1 for kind, _ in self.layout if kind == "image") < self.options.max_image_layers:
-                self.add("image", row, stats.feature_grid(out, self.options.max_image_channels))
+        if self.options.images and layer.is_conv and out.dim() >= 3 and len(self.images) < self.options.max_image_layers:
+            # the raw output for now; replaced by what the activation it feeds makes of it (`on_activation`)
+            self.images[row] = len(self.parts)
+            self.add("image", row, stats.feature_grid(out, self.options.max_image_channels))
 
     def on_activation(self, layer: Layer, kind: str, out: torch.Tensor) -> None:
         """An activation of ``kind`` produced ``out`` from ``layer``'s output: its dead or saturated units."""
@@ -111,6 +113,9 @@ class StepProbe:
             value = stats.dead_units(out, stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4))
         else:  # several calls (shared module, recurrent loop): the worst one counts
             value = stats.saturated_fraction(out, kind)
+        at = self.images.get(layer.row)
+        if at is not None and self.layout[at] == ("image", layer.row) and layer.row not in self.act_seen:
+            self.parts[at] = stats.feature_grid(out, self.options.max_image_channels, kind=kind)
         prev = self.act_seen.get(layer.row)
         if prev is not None and prev[0] == kind and prev[1].shape == value.shape:
             value = prev[1] & value if kind == "relu" else torch.maximum(prev[1], value)

@@ -293,10 +293,16 @@ def host_histograms(
     return out
 
 
-def feature_grid(out: torch.Tensor, max_channels: int = 16, size: int = 32) -> torch.Tensor:
-    """The first sample's first feature maps, each resized to ``size x size`` and scaled to [0, 1].
+def feature_grid(out: torch.Tensor, max_channels: int = 16, size: int = 32, kind: str | None = None) -> torch.Tensor:
+    """The first sample's first feature maps, each resized to ``size x size``, on one fixed scale in [0, 1].
 
-    Returns ``[channels, size, size]``; `images.grid` tiles it on the host.
+    ``kind`` says what ``out`` is, and so its scale: the output of a ``"relu"``
+    (0 is black, the largest value shown is white: a dead channel is all
+    black), of a ``"sigmoid"`` (its own [0, 1]) or a ``"tanh"`` ([-1, 1]);
+    ``None``: a raw layer output, scaled from the smallest to the largest value
+    of all channels shown.  One scale for all channels: per-channel
+    normalisation would stretch a dead channel's zeros into the same picture
+    as a live one.  Returns ``[channels, size, size]``; `images.tile` tiles it.
     """
     x = out.detach()[0, :max_channels].float()
     if x.dim() == 2:  # Conv1d: [C, L] -> one row per channel
@@ -305,9 +311,12 @@ def feature_grid(out: torch.Tensor, max_channels: int = 16, size: int = 32) -> t
         x = x[:, x.shape[1] // 2]
     x = torch.nn.functional.adaptive_avg_pool2d(x[:, None], (min(size, x.shape[-2]), min(size, x.shape[-1])))[:, 0]
     x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    lo = x.amin(dim=(1, 2), keepdim=True)
-    hi = x.amax(dim=(1, 2), keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(1e-12)
+    if kind == "sigmoid":
+        return x.clamp(0, 1)
+    if kind == "tanh":
+        return ((x + 1) / 2).clamp(0, 1)
+    lo = torch.zeros((), device=x.device) if kind == "relu" else x.amin()
+    return ((x - lo) / (x.amax() - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
 def to_host(parts: Sequence[torch.Tensor]) -> list[np.ndarray]:
