@@ -10,7 +10,6 @@ layers count one per output element.
 from __future__ import annotations
 
 import math
-from typing import Any  # noqa: F401
 
 import torch
 from torch import nn

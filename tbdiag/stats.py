@@ -37,9 +37,6 @@ HISTOGRAM_SAMPLE = 1 << 13
 #: of a bin's average share of 0.033); asserted with a margin.
 HISTOGRAM_SHARE_ERROR = 0.02
 
-_INDEX_CACHE: dict[tuple[int, str], torch.Tensor] = {}
-
-
 def activation_stats(out: torch.Tensor) -> torch.Tensor:
     """``[mean, std, nonfinite count]`` of a layer output (float32, on its device).
 
@@ -78,19 +75,6 @@ def unit_dim(shape: Sequence[int], channels_first: bool) -> int:
     if len(shape) <= 1:
         return 0
     return 1 if channels_first and len(shape) >= 3 else len(shape) - 1
-
-
-def dead_fraction(y: torch.Tensor, dim: int) -> torch.Tensor:
-    """Fraction of units along ``dim`` whose ReLU output is <= 0 for every element of the batch.
-
-    ``y`` is the activation's output (or its input: ``relu(x) == 0`` exactly
-    when ``x <= 0``).  NaN elements do not count as dead.  One reduction: a
-    unit is dead when its maximum is <= 0, and ``amax`` propagates NaN, which
-    compares False.
-    """
-    if y.numel() == 0:
-        return torch.tensor(float("nan"), device=y.device)
-    return dead_units(y, dim).float().mean()
 
 
 def dead_units(y: torch.Tensor, dim: int) -> torch.Tensor:
@@ -170,65 +154,19 @@ def _sample_view(flat: torch.Tensor) -> torch.Tensor:
     return flat.as_strided((HISTOGRAM_SAMPLE // SAMPLE_RUN, SAMPLE_RUN), (step, 1), flat.storage_offset())
 
 
-def sample_indices(numel: int, device: torch.device) -> torch.Tensor | None:
-    """Positions `histogram_sample` reads from a tensor of ``numel`` elements (None: all of them)."""
-    step = sample_stride(numel)
-    if step is None:
-        return None
-    key = (numel, str(device))
-    idx = _INDEX_CACHE.get(key)
-    if idx is None:
-        starts = torch.arange(HISTOGRAM_SAMPLE // SAMPLE_RUN, dtype=torch.int64) * step
-        idx = (starts[:, None] + torch.arange(SAMPLE_RUN)).reshape(-1).to(device)
-        _INDEX_CACHE[key] = idx
-    return idx
-
-
 def histogram_sample(t: torch.Tensor) -> torch.Tensor:
     """The float32 values a histogram of ``t`` is computed from (all, or the fixed subset); always a copy."""
     # Always a copy: the caller may keep it while an in-place op (ReLU(inplace=True)) rewrites ``t``.
     return _sample_view(t.detach().reshape(-1)).to(torch.float32, copy=True).reshape(-1)
 
 
-def histograms(tensors: Sequence[torch.Tensor], bins: int = HISTOGRAM_BINS) -> torch.Tensor:
-    """Histograms of many tensors in a handful of kernels.
-
-    Returns ``[len(tensors), 3 + bins]``: ``min, max, scale, counts...`` per
-    tensor, where ``scale`` is ``numel / values histogrammed`` (1 unless the
-    tensor was sampled) so counts can be reported per element of the whole
-    tensor.  Non-finite values are left out of the counts; a tensor with no
-    finite value gets NaN min/max.
-    """
-    if not tensors:
-        return torch.zeros((0, 3 + bins))
-    device = tensors[0].device
-    samples = [histogram_sample(t) for t in tensors]
-    lengths = torch.tensor([s.numel() for s in samples], device=device)
-    scale = torch.tensor([t.numel() / max(1, s.numel()) for t, s in zip(tensors, samples)], device=device)
-    flat = torch.cat(samples)
-    finite = torch.isfinite(flat)
-    big = torch.finfo(torch.float32).max
-    lo = torch.segment_reduce(torch.where(finite, flat, big), "min", lengths=lengths, unsafe=True)
-    hi = torch.segment_reduce(torch.where(finite, flat, -big), "max", lengths=lengths, unsafe=True)
-    empty = lo > hi
-    lo = torch.where(empty, torch.nan, lo)
-    hi = torch.where(empty, torch.nan, hi)
-    seg = torch.repeat_interleave(torch.arange(len(samples), device=device), lengths)
-    width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-    pos = ((flat - lo[seg]) / width[seg] * bins).floor().clamp_(0, bins - 1)
-    pos = torch.where(finite, pos, 0).long() + seg * bins
-    counts = torch.zeros(len(samples) * bins, device=device)
-    counts.index_add_(0, pos, finite.float())
-    return torch.cat([lo[:, None], hi[:, None], scale[:, None], counts.view(len(samples), bins)], dim=1)
-
-
 def histogram_samples(
     tensors: Sequence[torch.Tensor], sampled: bool = False
 ) -> tuple[torch.Tensor, list[int], list[float]]:
-    """The values `histograms` would bin, for many tensors, gathered into one float32 device buffer.
+    """The values each tensor's histogram is binned from, for many tensors, in one float32 device buffer.
 
     Returns ``(flat, lengths, scales)``: the concatenated samples (all values,
-    or `sample_indices`' fixed subset of a large tensor), each tensor's sample
+    or `sample_stride`'s fixed subset of a large tensor), each tensor's sample
     length, and its ``numel / length``.  Lengths and scales come from shapes
     alone, so they are known on the host without reading the device.  With
     ``sampled=True`` the tensors are already samples (`histogram_sample`) and
@@ -251,7 +189,10 @@ def histogram_samples(
 def host_histograms(
     flat: np.ndarray, lengths: Sequence[int], scales: Sequence[float], bins: int = HISTOGRAM_BINS
 ) -> np.ndarray:
-    """`histograms` computed on the host from `histogram_samples`' output (same float32 arithmetic, same rows).
+    """Histograms of `histogram_samples`' output, binned on the host (float32 arithmetic).
+
+    The exact reference the tests hold them against bins the same rows on the
+    device (tests/histogram_reference.py).
 
     Returns ``[len(lengths), 3 + bins]`` float32: ``min, max, scale, counts...``.
     """
@@ -280,7 +221,7 @@ def host_histograms(
     counts = out[:, 3:]
     for i in np.flatnonzero(nonempty & ~empty):
         x = flat[starts[i] : starts[i] + lengths_a[i]]
-        # floor((x - lo) / width * bins) clamped to [0, bins - 1], as `histograms` computes it on the device;
+        # floor((x - lo) / width * bins) clamped to [0, bins - 1], as the device reference computes it;
         # clamping first and truncating gives the same integer for every finite x
         pos = (x - lo[i]) / width[i] * nb
         if not all_finite:

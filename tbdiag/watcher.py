@@ -36,7 +36,7 @@ from .forward_tap import Busy, ForwardTap
 from .probe import ProbeOptions, StepProbe
 from .recorder import StepRecorder
 from .shield import Shield
-from .wrappers import is_compiled, unwrap_model, unwrap_optimizer
+from .wrappers import unwrap_model, unwrap_optimizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .writer import DiagnosticWriter
@@ -100,7 +100,6 @@ class Watcher:
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         _check_arguments(log_every, images_every, grad_scaler)
         self.writer, self.model, self.optimizer = writer, unwrap_model(model), optimizer
-        self.compiled = is_compiled(model)
         other = _WATCHED.get(self.model)
         if other is not None:
             raise RuntimeError(

@@ -39,18 +39,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_compiled(model: nn.Module) -> bool:
-    """Whether any wrapper around ``model`` is ``torch.compile``'s."""
-    for _ in range(16):
-        attr = _is_model_wrapper(model)
-        if attr is None:
-            return False
-        if attr == "_orig_mod":
-            return True
-        model = getattr(model, attr)
-    return False
-
-
 def _has_hook_registry(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "_optimizer_step_pre_hooks")
 

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 from torch import nn

@@ -6,20 +6,25 @@ import numpy as np
 import pytest
 import torch
 
+from histogram_reference import histograms
 from tbdiag import stats
+
+
+def _dead_fraction(y: torch.Tensor, dim: int) -> float:
+    return float(stats.dead_units(y, dim).float().mean())
 
 
 def test_dead_fraction_per_channel_and_per_feature():
     x = torch.randn(8, 4, 5, 5)
     x[:, 1] = -torch.rand(8, 5, 5)  # channel 1 never fires
     x[:, 3] = 0.0  # channel 3 is exactly zero after ReLU
-    assert float(stats.dead_fraction(torch.relu(x), dim=1)) == pytest.approx(0.5)
+    assert (_dead_fraction(torch.relu(x), dim=1)) == pytest.approx(0.5)
     feats = torch.randn(16, 10)
     feats[:, :7] = -1.0
-    assert float(stats.dead_fraction(feats, dim=1)) == pytest.approx(0.7)
+    assert (_dead_fraction(feats, dim=1)) == pytest.approx(0.7)
     # a unit that fires for one sample only is alive
     feats[3, :7] = 0.1
-    assert float(stats.dead_fraction(feats, dim=1)) == 0.0
+    assert (_dead_fraction(feats, dim=1)) == 0.0
 
 
 def test_unit_dim_channels_for_conv_features_for_sequences():
@@ -51,27 +56,34 @@ def test_norms_match_torch():
     assert stats.norms(ts).tolist() == pytest.approx([float(t.norm()) for t in ts], rel=1e-6)
 
 
+def _host_rows(tensors, bins):
+    flat, lengths, scales = stats.histogram_samples(tensors)
+    return stats.host_histograms(flat.numpy(), lengths, scales, bins=bins)
+
+
 def test_histograms_exact_for_small_tensors():
     t = torch.arange(100, dtype=torch.float32)
-    row = stats.histograms([t], bins=10)[0]
-    lo, hi, scale, counts = float(row[0]), float(row[1]), float(row[2]), row[3:].tolist()
-    assert (lo, hi, scale) == (0.0, 99.0, 1.0)
-    assert counts == [10.0] * 10
+    for rows in (_host_rows([t], 10), histograms([t], bins=10).numpy()):
+        lo, hi, scale, counts = float(rows[0, 0]), float(rows[0, 1]), float(rows[0, 2]), rows[0, 3:].tolist()
+        assert (lo, hi, scale) == (0.0, 99.0, 1.0)
+        assert counts == [10.0] * 10
     # NaN/Inf are left out; an all-NaN tensor has NaN range
-    row = stats.histograms([torch.tensor([1.0, float("nan"), 3.0]), torch.full((3,), float("nan"))], bins=2)
-    assert row[0, 3:].tolist() == [1.0, 1.0]
-    assert math.isnan(float(row[1, 0]))
+    rows = _host_rows([torch.tensor([1.0, float("nan"), 3.0]), torch.full((3,), float("nan"))], 2)
+    assert rows[0, 3:].tolist() == [1.0, 1.0]
+    assert math.isnan(float(rows[1, 0]))
 
 
-def test_sample_indices_are_deterministic_and_spread():
-    idx = stats.sample_indices(1_000_003, torch.device("cpu"))
-    assert idx is not None and stats.HISTOGRAM_SAMPLE // 2 <= len(idx) <= stats.HISTOGRAM_SAMPLE
-    assert torch.equal(idx, stats.sample_indices(1_000_003, torch.device("cpu")))
+def test_histogram_samples_are_deterministic_and_spread():
+    n = 1_000_003
+    positions = torch.arange(n, dtype=torch.float32)  # exact in float32 below 2**24: values are positions
+    idx = stats.histogram_sample(positions).long()
+    assert stats.HISTOGRAM_SAMPLE // 2 <= len(idx) <= stats.HISTOGRAM_SAMPLE
+    assert torch.equal(idx, stats.histogram_sample(positions).long())
     assert len(torch.unique(idx)) == len(idx)
     # hits every tenth of the tensor about equally
-    buckets = torch.bincount(idx * 10 // 1_000_003, minlength=10)
+    buckets = torch.bincount(idx * 10 // n, minlength=10)
     assert buckets.min() > 0.8 * len(idx) / 10
-    assert stats.sample_indices(100, torch.device("cpu")) is None
+    assert stats.sample_stride(100) is None
 
 
 def test_histogram_sample_is_a_copy():
@@ -97,5 +109,5 @@ def test_to_host_one_buffer_many_shapes():
 def test_statistics_do_not_modify_inputs():
     x = torch.randn(8, 4, 5, 5)
     before = x.clone()
-    stats.dead_fraction(x, 1), stats.activation_stats(x), stats.histograms([x]), stats.feature_grid(x)
+    stats.dead_units(x, 1), stats.activation_stats(x), stats.histogram_samples([x]), stats.feature_grid(x)
     assert torch.equal(x, before)
