@@ -3,10 +3,19 @@
 One process.  Every configuration trains its own copy of the same model (same
 initial weights, same batches) with its own optimizer and its own logger.
 Configurations take turns in blocks of steps, and the order rotates every
-round.  After each block, untimed, the configuration's writer is flushed and
-a garbage collection runs, so the work one leaves behind (a writer thread's
-tail, garbage) does not land on the next one.  Overhead of a configuration is
-the median over rounds of (its block time / the baseline's block time) - 1.
+round.  A block's time runs from its first step to the end of its drain: the
+configuration's writer is flushed (its background thread finishes what the
+block left behind) and a garbage collection runs, both inside the timed
+region, so each configuration pays for all of its own work and leaves nothing
+for the next one.  Nothing is untimed between blocks.  Overhead of a
+configuration is the median over rounds of (its block time / the baseline's
+block time) - 1.
+
+Besides the overhead, a configuration's cost per logged step is split by
+where it lands, each against the baseline's steps at the same positions in
+the same round: the logging step itself, the other (non-logging) steps of the
+block (a background thread's work, which holds the GIL for most of it, shows
+there), and the drain at the block's end.
 
 Configurations
     baseline   the loss scalar each step (torch.utils.tensorboard.SummaryWriter)
@@ -26,11 +35,12 @@ Workloads (one thread, batch 64, synthetic data)
                channels, on 16x16 inputs (a quarter of CIFAR's compute per step, so that
                100-step blocks stay affordable): 0.27M parameters
 
-Besides the table it measures, for tbdiag, the cost of one logging step (its
-step time minus the median non-logging step of the same blocks) against one
-memory pass over the parameters and gradients (``torch._foreach_norm`` over
-all of them: every element read once), and the event bytes tbdiag writes per
-layer per logged step besides histograms and images.
+For tbdiag it also sets the cost of its logging step (as above: against the
+baseline's steps at the same positions, not against tbdiag's own other steps,
+which carry its background work) against one memory pass over the parameters
+and gradients (``torch._foreach_norm`` over all of them: every element read
+once), and counts the event bytes tbdiag writes per layer per logged step
+besides histograms and images.
 
     python benchmarks/overhead.py            # the full run (about 15 minutes on 2 cores)
     python benchmarks/overhead.py --quick    # smoke run, under a minute
@@ -140,6 +150,17 @@ WORKLOADS = {
 # ----------------------------------------------------------- configurations
 
 
+@dataclass
+class Block:
+    """One timed block of one configuration: its total and where the time went."""
+
+    first_step: int  # the step counter at the block's first step (every configuration's is the same)
+    seconds: float  # first step's start to the drain's end: what the user's loop paid
+    step_seconds: list[float]  # each step: forward, backward, optimizer step and the logging call
+    logging: list[bool]  # whether each step is a logging step (step % log_every == 0)
+    drain_seconds: float  # the drain at the block's end (writer flush, garbage collection)
+
+
 class Config:
     """One trainer: a model copy, its optimizer, its logger; runs blocks of steps."""
 
@@ -154,8 +175,7 @@ class Config:
         self.log_every = log_every
         self.step = 0
         self.logdir = os.path.join(tmp, self.label.replace("/", ""))
-        self.step_times: list[float] = []
-        self.logging_flags: list[bool] = []
+        self.blocks: list[Block] = []  # the measured blocks, one per round
         self.setup()
 
     def setup(self) -> None:
@@ -166,7 +186,16 @@ class Config:
     def log_step(self, loss: float) -> None:
         self.writer.add_scalar("train/loss", loss, self.step)
 
-    def block(self, steps: int, record: bool) -> float:
+    def block(self, steps: int) -> Block:
+        """Run ``steps`` training steps and the drain, all timed.
+
+        The drain is part of the block so that the work a logger defers (a writer thread's histograms,
+        encoding and file writes) is paid by the configuration that made it, never by the next block, and
+        never left out: a user's training has no untimed pauses to hide it in.
+        """
+        first = self.step
+        step_seconds: list[float] = []
+        logging: list[bool] = []
         t_block = time.perf_counter()
         for _ in range(steps):
             x, y = self.data[self.step % len(self.data)]
@@ -176,14 +205,17 @@ class Config:
             loss.backward()
             self.opt.step()
             self.log_step(loss.item())
-            if record:
-                self.step_times.append(time.perf_counter() - t0)
-                self.logging_flags.append(self.step % self.log_every == 0)
+            step_seconds.append(time.perf_counter() - t0)
+            logging.append(self.step % self.log_every == 0)
             self.step += 1
-        return time.perf_counter() - t_block
+        t_drain = time.perf_counter()
+        self.drain()
+        gc.collect()  # cyclic garbage this block made (the setup heap is frozen: see run_workload)
+        t_end = time.perf_counter()
+        return Block(first, t_end - t_block, step_seconds, logging, t_end - t_drain)
 
-    def settle(self) -> None:
-        """Finish the background writing this block left behind, outside the timed region."""
+    def drain(self) -> None:
+        """Wait for the writing this block left behind (the writer thread's queue) and flush the file."""
         self.writer.flush()
 
     def close(self) -> None:
@@ -220,6 +252,19 @@ class SeedLoopX(SeedLoop):
 
         self.writer = SummaryWriter(self.logdir)
 
+    def drain(self) -> None:
+        """Wait until tensorboardX's writer thread has taken every event off its queue, then flush.
+
+        Its ``flush()`` does not wait for the queue (a ``multiprocessing.Queue`` whose feeder thread pickles
+        each event for the writer thread), so without this loop its writing would land on the next block.
+        The one event the writer thread may be writing when the queue runs empty is not waited for.
+        """
+        for file_writer in self.writer.all_writers.values():
+            events = file_writer.event_writer._event_queue
+            while getattr(events, "_buffer", None) or not events.empty():
+                time.sleep(0.0002)  # lets the feeder and writer threads take the GIL
+        self.writer.flush()
+
 
 class WandbWatch(Config):
     label = "wandb"
@@ -243,8 +288,8 @@ class WandbWatch(Config):
     def log_step(self, loss: float) -> None:
         self.run.log({"train/loss": loss}, step=self.step)
 
-    def settle(self) -> None:
-        pass  # wandb writes from its own service process
+    def drain(self) -> None:
+        pass  # wandb writes from its own service process, which this process cannot wait for
 
     def close(self) -> None:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -306,6 +351,15 @@ def available_configs(only: list[str] | None) -> tuple[list[type[Config]], list[
 # ------------------------------------------------------------- measurement
 
 
+#: Where a configuration's cost per logged step lands (ms, against the baseline), in the order printed.
+COSTS = {
+    "logging": "logging step",
+    "other": "other steps / log",
+    "drain": "drain / log",
+    "total": "total / log",
+}
+
+
 @dataclass
 class Result:
     workload: str
@@ -315,11 +369,46 @@ class Result:
     rounds: int
     overhead: dict[str, float] = field(default_factory=dict)  # label -> median ratio - 1
     spread: dict[str, float] = field(default_factory=dict)  # label -> (q75 - q25) of the ratio
-    log_step_ms: float = float("nan")
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> COSTS key -> ms per logged step
     param_pass_ms: float = float("nan")
     bytes_per_layer: float = float("nan")
     layers: int = 0
     params: int = 0
+
+
+def split_costs(tr: Config, base: Config) -> dict[str, float]:
+    """``tr``'s cost per logged step by where it lands, in ms, each against the baseline's same steps.
+
+    Every configuration runs the same step numbers in a round, so the baseline's step at the same position
+    is the reference for each step: the difference is what ``tr``'s logger added there.
+
+    - ``logging``: median of ``tr``'s logging steps minus the median of the baseline's steps at the same
+      positions.  Subtracting ``tr``'s own other steps instead would take its background work off twice:
+      those steps are slower by exactly that work.
+    - ``other``: per round, the summed excess of the block's non-logging steps over the baseline's, divided
+      by the logging steps in the block; median over rounds.  A writer thread's work (binning, encoding,
+      file writes, under the GIL) and per-step hooks show here.
+    - ``drain``: per round, the excess of the drain at the block's end over the baseline's, per logging
+      step; median over rounds.  It holds what the block's last logging steps left unwritten, which in
+      training lands on the steps that follow.
+    - ``total``: per round, the excess of the whole block over the baseline's block, per logging step;
+      median over rounds.  Medians do not add, so the three parts sum to it only roughly.
+    """
+    logged, logged_base, other, drain, total = [], [], [], [], []
+    for b, ref in zip(tr.blocks, base.blocks):
+        if b.first_step != ref.first_step or b.logging != ref.logging:
+            raise RuntimeError(f"{tr.label}: block at step {b.first_step} does not line up with the baseline's")
+        n_logs = sum(b.logging)
+        logged += [t for t, f in zip(b.step_seconds, b.logging) if f]
+        logged_base += [t for t, f in zip(ref.step_seconds, ref.logging) if f]
+        rest = sum(t for t, f in zip(b.step_seconds, b.logging) if not f)
+        rest_base = sum(t for t, f in zip(ref.step_seconds, ref.logging) if not f)
+        other.append((rest - rest_base) / n_logs)
+        drain.append((b.drain_seconds - ref.drain_seconds) / n_logs)
+        total.append((b.seconds - ref.seconds) / n_logs)
+    ms = {"logging": statistics.median(logged) - statistics.median(logged_base), "other": statistics.median(other),
+          "drain": statistics.median(drain), "total": statistics.median(total)}
+    return {k: v * 1e3 for k, v in ms.items()}
 
 
 def memory_pass_ms(model: nn.Module, repeats: int = 30) -> float:
@@ -399,44 +488,50 @@ def run_workload(workload: Workload, log_every: int, args, configs: list[type[Co
 
         # calibrate: one step of the baseline, then a block size that is a multiple of log_every
         base = trainers[0]
-        t0 = time.perf_counter()
-        base.block(3, record=False)
-        step_s = (time.perf_counter() - t0) / 3
+        step_s = statistics.mean(base.block(3).step_seconds)  # the steps alone: the drain is a one-off here
         per_block = max(1, round(args.block_seconds / step_s / log_every))
         block_steps = per_block * log_every
         # warm-up: step 0 (graph, layer table, first-time costs) and allocator warm-up.  Any run of
         # block_steps consecutive steps holds the same number of logging steps, so blocks need no alignment.
         for tr in trainers:
             tr.step = 0
-            tr.block(min(block_steps, max(3, log_every // 10)), record=False)
+            tr.block(min(block_steps, max(3, log_every // 10)))
 
-        ratios: dict[str, list[float]] = {tr.label: [] for tr in trainers[1:]}
-        order = list(range(len(trainers)))
-        for r in range(args.rounds):
-            rot = order[r % len(order):] + order[: r % len(order)]
-            times = {}
-            for i in rot:
-                tr = trainers[i]
-                times[tr.label] = tr.block(block_steps, record=True)
-                # work one configuration leaves behind (writer threads, garbage) must not land on the next
-                tr.settle()
-                gc.collect()
-            for tr in trainers[1:]:
-                ratios[tr.label].append(times[tr.label] / times["baseline"])
-        base_ms = statistics.median(base.step_times) * 1e3
+        # The heap holds every configuration's imports and models (torch, tensorboard, tensorboardX, wandb:
+        # ~200k objects, ~100 ms for a full collection on 2 cores), the same for all and none of their doing.
+        # Frozen, it is left out of every collection: the collection that ends each block, and any automatic
+        # one, walks only what the training loops made since, and an automatic full collection cannot put
+        # 100 ms of the shared heap on whichever block happens to trigger it.
+        gc.collect()
+        gc.freeze()
+        try:
+            ratios: dict[str, list[float]] = {tr.label: [] for tr in trainers[1:]}
+            order = list(range(len(trainers)))
+            for r in range(args.rounds):
+                # The rotation moves each configuration through every place in the order: what one block
+                # does to the machine (caches, clock, other processes) lands on every other one in turn.
+                rot = order[r % len(order):] + order[: r % len(order)]
+                times = {}
+                for i in rot:
+                    tr = trainers[i]
+                    tr.blocks.append(tr.block(block_steps))
+                    times[tr.label] = tr.blocks[-1].seconds
+                for tr in trainers[1:]:
+                    ratios[tr.label].append(times[tr.label] / times["baseline"])
+        finally:
+            gc.unfreeze()
+        base_ms = statistics.median(t for b in base.blocks for t in b.step_seconds) * 1e3
 
         result = Result(workload.name, log_every, base_ms, block_steps, args.rounds, layers=0, params=n_params)
         for label, rs in ratios.items():
             result.overhead[label] = statistics.median(rs) - 1
             q = statistics.quantiles(rs, n=4) if len(rs) >= 2 else [rs[0]] * 3
             result.spread[label] = q[2] - q[0]
+        for tr in trainers[1:]:
+            result.costs[tr.label] = split_costs(tr, base)
 
         tb = next((tr for tr in trainers if tr.label == "tbdiag"), None)
         if tb is not None:
-            logging_t = [t for t, f in zip(tb.step_times, tb.logging_flags) if f]
-            plain_t = [t for t, f in zip(tb.step_times, tb.logging_flags) if not f]
-            if logging_t and plain_t:
-                result.log_step_ms = (statistics.median(logging_t) - statistics.median(plain_t)) * 1e3
             result.param_pass_ms = memory_pass_ms(tb.model)
             result.layers = tb.layer_count()
             tb.writer.flush()
@@ -475,14 +570,43 @@ def print_table(results: list[Result], labels: list[str], out=sys.stdout) -> Non
                 row.append(f"{r.overhead['tbdiag'] / peer:.2f}" if peer > abs(r.overhead["A/A"]) else "n/a")
         rows.append(row)
     _markdown(head, rows, out)
+    print(file=out)
+    print_costs(results, labels, peers, out)
     if "tbdiag" in labels:
         print(file=out)
-        head2 = ["workload", "log_every", "layers", "tbdiag logging step ms", "memory pass ms (params+grads)",
-                 "logging step / pass", "event bytes / layer / logged step"]
-        rows2 = [[WORKLOADS[r.workload].title, str(r.log_every), str(r.layers), f"{r.log_step_ms:.2f}",
-                  f"{r.param_pass_ms:.3f}", f"{r.log_step_ms / r.param_pass_ms:.1f}x", f"{r.bytes_per_layer:.0f}"]
-                 for r in results]
-        _markdown(head2, rows2, out)
+        head3 = ["workload", "log_every", "layers", "tbdiag logging step ms", "memory pass ms (params+grads)",
+                 "logging step / pass", "total / log / pass", "event bytes / layer / logged step"]
+        rows3 = []
+        for r in results:
+            cost = r.costs["tbdiag"]
+            rows3.append([WORKLOADS[r.workload].title, str(r.log_every), str(r.layers), f"{cost['logging']:.2f}",
+                          f"{r.param_pass_ms:.3f}", f"{cost['logging'] / r.param_pass_ms:.1f}x",
+                          f"{cost['total'] / r.param_pass_ms:.1f}x", f"{r.bytes_per_layer:.0f}"])
+        _markdown(head3, rows3, out)
+
+
+def print_costs(results: list[Result], labels: list[str], peers: list[str], out=sys.stdout) -> None:
+    """Each configuration's cost per logged step (ms over the baseline), split by where it lands.
+
+    One row per workload, log_every and part, the columns as in the overhead table, so that a logger that
+    looks cheap on its logging step but moves the work to a thread shows it in the rows below.
+    """
+    others = ["A/A"] + peers + (["tbdiag"] if "tbdiag" in labels else [])
+    head = ["workload", "log_every", "ms per logged step"] + others
+    if "tbdiag" in labels:
+        head += [f"tbdiag/{p}" for p in peers]
+    rows = []
+    for r in results:
+        for i, (key, name) in enumerate(COSTS.items()):
+            row = [WORKLOADS[r.workload].title if i == 0 else "", str(r.log_every) if i == 0 else "", name]
+            row += [f"{r.costs[label][key]:+.2f}" for label in others]
+            if "tbdiag" in labels:
+                noise = abs(r.costs["A/A"][key])
+                for p in peers:
+                    peer = r.costs[p][key]
+                    row.append(f"{r.costs['tbdiag'][key] / peer:.2f}" if peer > noise else "n/a")
+            rows.append(row)
+    _markdown(head, rows, out)
 
 
 def _markdown(head: list[str], rows: list[list[str]], out) -> None:
@@ -543,8 +667,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, labels)
     aa = max(abs(r.overhead["A/A"]) for r in results)
     print(f"\nA/A noise floor (largest |A/A| above): {aa * 100:.1f}%. Overhead = median over {args.rounds} rounds of "
-          "block time / baseline block time - 1; tbdiag/peer = ratio of overheads (n/a where the peer is within "
-          "the A/A noise).")
+          "block time / baseline block time - 1; a block is timed from its first step to the end of its drain "
+          "(writer flushed, garbage collected), nothing untimed between blocks. tbdiag/peer = ratio of overheads "
+          "(n/a where the peer is within the A/A noise).")
+    print("Per logged step, against the baseline's steps at the same positions: logging step = median of the "
+          "logging steps - the baseline's median there; other steps = the block's non-logging steps' summed excess; "
+          "drain = the block-end drain's excess; total = the whole block's excess; each per logging step in the "
+          "block, median over rounds (medians do not add up exactly). wandb's service process is not drained. "
+          "The pass ratios use the logging step above and the one memory pass measured in this run.")
     for n in notes:
         print(f"note: {n}")
     return 0
