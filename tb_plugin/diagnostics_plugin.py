@@ -2,9 +2,10 @@
 
 See ``http_api.md`` in this directory for the routes.  The plugin reads only
 through TensorBoard's data provider (`run_source.RunSource`), evaluates the
-same rules as ``tbdiag report`` (`tbdiag.rules`), and serves a plain ES module
-(``static/index.js``) that TensorBoard loads into an iframe -- no build step,
-nothing from a CDN (TensorBoard's CSP would block it anyway).
+same rules as ``tbdiag report`` (`tbdiag.rules`), and serves the tab: plain ES
+modules (``static/index.js`` and the modules it imports) that TensorBoard loads
+into an iframe -- no build step, nothing from a CDN (TensorBoard's CSP would
+block it anyway).
 """
 
 from __future__ import annotations
@@ -31,10 +32,25 @@ from .run_source import RunSource, UnknownRunError, thresholds_key
 logger = logging.getLogger(__name__)
 
 _STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
-_STATIC_FILES = {
-    "/index.js": ("index.js", "text/javascript"),
-    "/style.css": ("style.css", "text/css"),
-}
+_MIMETYPES = {".js": "text/javascript", ".css": "text/css"}
+
+
+def static_files() -> dict[str, tuple[str, str]]:
+    """``{route: (file name, mimetype)}`` for every file of the tab's frontend.
+
+    The tab is a few ES modules importing each other by relative URL, so each
+    module is a route of its own next to ``index.js``; listing the directory
+    means a new module is served without touching this file.
+    """
+    out = {}
+    for name in sorted(os.listdir(_STATIC_DIR)):
+        mimetype = _MIMETYPES.get(os.path.splitext(name)[1])
+        if mimetype is not None:
+            out[f"/{name}"] = (name, mimetype)
+    return out
+
+
+_STATIC_FILES = static_files()
 
 #: Compressed heatmap responses kept per run version (each is a few MB for big runs).
 _MAX_HEATMAPS_PER_RUN = 6
@@ -102,8 +118,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     def get_plugin_apps(self) -> dict[str, Callable]:
         return {
-            "/index.js": self._serve_static,
-            "/style.css": self._serve_static,
+            **{route: self._serve_static for route in _STATIC_FILES},
             "/runs": self.runs_route,
             "/rules": self.rules_route,
             "/findings": self.findings_route,

@@ -16,54 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from tbdiag import rules, schema
+from tbdiag import rules, schema, statistics
 from tbdiag.rundata import RunData, json_number
 
 from .query import BadRequest
 from .run_source import RunView
 from .threshold_lines import threshold_lines
-
-#: Statistics the layer table shows as columns, in this order.
-KEY_STATS: tuple[str, ...] = ("grad_rms", "update_ratio", "dead_frac", "saturated_frac", "act_std")
-
-#: How the tab scales each statistic: "log" (spans decades: norms, ratios),
-#: "fraction" (0..1) or "linear".
-STAT_SCALES: dict[str, str] = {
-    "act_mean": "linear",
-    "act_std": "log",
-    "act_nonfinite": "linear",
-    "dead_frac": "fraction",
-    "saturated_frac": "fraction",
-    "grad_norm": "log",
-    "grad_rms": "log",
-    "grad_nonfinite": "linear",
-    "weight_norm": "log",
-    "weight_nonfinite": "linear",
-    "update_ratio": "log",
-    "changed": "fraction",
-    "grad_params": "linear",
-}
-
-
-def scale_of(stat: str) -> str:
-    """A statistic's scale; columns added to the schema later default by their name."""
-    if stat in STAT_SCALES:
-        return STAT_SCALES[stat]
-    return "fraction" if stat.endswith("_frac") else "linear"
-
-
-#: The short word a flag shows in the table (the tooltip carries the rest).
-FLAG_WORDS: dict[str, str] = {
-    "dead_relu": "dead",
-    "vanishing_gradient": "vanishing",
-    "exploding_gradient": "exploding",
-    "saturated_activation": "saturated",
-    "nonfinite": "NaN/Inf",
-    "frozen_layer": "frozen",
-    "loss_divergence": "diverging",
-    "loss_plateau": "plateau",
-    "input_bound": "input-bound",
-}
 
 
 def json_values(values: np.ndarray) -> list[Any]:
@@ -122,7 +80,7 @@ def summary(findings: Sequence[rules.Finding]) -> list[dict[str, Any]]:
         layers = [f.layer for f in group if f.layer is not None]
         out.append({
             "issue": issue,
-            "word": FLAG_WORDS.get(issue, issue),
+            "word": rules.word_of(issue),
             "severity": severity,
             "count": len(group),
             "explained": sum(1 for f in group if f.explained_by),
@@ -143,6 +101,7 @@ def findings_payload(view: RunView) -> dict[str, Any]:
         "severity_counts": {s: counts.get(s, 0) for s in reversed(rules.SEVERITIES)},
         "worst": rules.worst(findings),
         "steps": _steps_info(data),
+        "layer_count": len(data.table.layers),
     }
 
 
@@ -165,8 +124,15 @@ def _flags_by_layer(findings: Sequence[rules.Finding]) -> dict[str, list[rules.F
 
 def _flag_json(f: rules.Finding, at_step: int) -> dict[str, Any]:
     out = f.to_json()
-    out["word"] = FLAG_WORDS.get(f.issue, f.issue)
-    out["active"] = f.first_step <= at_step  # had the problem started by the selected step?
+    out["word"] = rules.word_of(f.issue)
+    out["active"] = f.holds_at(at_step)  # a finding that ended, or has not begun, is no flag at this step
+    return out
+
+
+def _finding_with_spans(f: rules.Finding) -> dict[str, Any]:
+    """A finding plus the stretches of logged steps where it holds (what a chart shades)."""
+    out = f.to_json()
+    out["spans"] = [list(span) for span in (f.spans or ((f.first_step, f.last_step),))]
     return out
 
 
@@ -201,21 +167,17 @@ def layers_payload(view: RunView, step: int | None) -> dict[str, Any]:
             "output_shape": info.output_shape,
             "stats": dict(zip(schema.COLUMNS, row_stats)),
             "flags": [_flag_json(f, at) for f in own],
-            "worst": rules.worst([f for f in own if f.first_step <= at]),
+            "worst": rules.worst([f for f in own if f.holds_at(at)]),
         })
     return {
         "run": data.name,
         "step": at,
         "step_index": t,
         "steps": _steps_info(data),
-        "key_stats": [c for c in KEY_STATS if has_data[schema.COLUMN_INDEX[c]]],
+        "key_stats": [c for c in statistics.KEY_STATS if has_data[schema.COLUMN_INDEX[c]]],
         "layers": rows,
         "model_findings": [f.to_json() for f in findings if f.layer is None],
     }
-
-
-def steps_payload(data: RunData) -> dict[str, Any]:
-    return {"run": data.name, "steps": data.steps.tolist()}
 
 
 def series_payload(
@@ -236,9 +198,9 @@ def series_payload(
         "series": series,
         "thresholds": {
             c: [{**line, "values": json_values(line["values"])} if "values" in line else line for line in lines]
-            for c, lines in threshold_lines(data, i, resolved).items() if c in series
+            for c, lines in threshold_lines(data, resolved).items() if c in series
         },
-        "findings": [f.to_json() for f in findings if f.layer == info.name],
+        "findings": [_finding_with_spans(f) for f in findings if f.layer == info.name],
     }
 
 
@@ -254,7 +216,8 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
     data, findings = view.data, view.findings
     matrix = np.ascontiguousarray(data.stats[:, :, schema.COLUMN_INDEX[stat]].T, dtype="<f4")  # [layers, steps]
     finite = matrix[np.isfinite(matrix)]
-    if scale_of(stat) == "log":
+    described = statistics.statistic(stat)
+    if described.scale == "log":
         finite = finite[finite > 0]
     packed = {
         "shape": list(matrix.shape),
@@ -266,8 +229,8 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
     return {
         "run": data.name,
         "stat": stat,
-        "label": schema.COLUMN_LABELS.get(stat, stat),
-        "scale": scale_of(stat),
+        "label": described.label,
+        "scale": described.scale,
         "layers": data.layer_names,
         "steps": data.steps.tolist(),
         "shape": packed["shape"],
@@ -284,13 +247,11 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
 
 
 def rules_payload(resolved_json: list[dict[str, Any]]) -> dict[str, Any]:
-    """The rule table (with overrides applied) plus what the tab needs to label statistics."""
+    """The rule table (with overrides applied) and the statistic table: every fact the tab shows about either."""
     return {
         "rules": resolved_json,
-        "words": FLAG_WORDS,
         "severities": list(rules.SEVERITIES),
-        "key_stats": list(KEY_STATS),
-        "columns": [
-            {"name": c, "label": schema.COLUMN_LABELS.get(c, c), "scale": scale_of(c)} for c in schema.COLUMNS
-        ],
+        "statistics": statistics.statistics_json(),
+        "key_stats": list(statistics.KEY_STATS),
+        "heatmap_default": statistics.DEFAULT_HEATMAP,
     }

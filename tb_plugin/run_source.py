@@ -93,6 +93,7 @@ class RunSource:
         self._max_runs = max_runs
         self._entries: collections.OrderedDict[tuple[str, str], _RunEntry] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._versions = schema.VersionCheck()  # one warning per run and newer format, for the process's life
 
     # ------------------------------------------------------------------ runs
 
@@ -173,6 +174,8 @@ class RunSource:
         if table_key != entry.table_key:
             entry.table = self._read_table(ctx, experiment, run) if layers_ts is not None else None
             entry.table_key = table_key
+            if entry.table is not None:
+                self._versions.check(run, entry.table.version)
             changed = True
 
         # health chunks: read only the tags that are new or changed
@@ -191,6 +194,7 @@ class RunSource:
             ).get(run, {})
             for tag in stale:
                 columns = schema.columns_from_metadata(health[tag].plugin_content)
+                self._versions.check(run, schema.version_from_metadata(health[tag].plugin_content))
                 entry.tag_samples[tag] = [
                     (int(d.step), np.asarray(d.numpy, dtype=np.float32), columns) for d in read.get(tag, [])
                 ]
@@ -215,7 +219,7 @@ class RunSource:
             if table is not None:  # from_samples may append placeholder rows: never touch the cached table
                 table = schema.LayerTable(
                     layers=list(table.layers), log_every=table.log_every, has_optimizer=table.has_optimizer,
-                    columns=table.columns, extra=dict(table.extra),
+                    columns=table.columns, extra=dict(table.extra), version=table.version,
                 )
             entry.data = RunData.from_samples(run, table, samples, entry.losses)
             entry.version += 1
@@ -236,7 +240,7 @@ class RunSource:
         latest = max(data, key=lambda d: (d.step, d.wall_time))
         try:
             return schema.decode_layers(latest.numpy)
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
             return None  # an unreadable table: rows get placeholder names, no measurement is lost
 
     def _read_losses(self, ctx: Any, experiment: str, run: str, tags: list[str]) -> dict[str, tuple]:

@@ -1,64 +1,53 @@
-"""Which rule threshold belongs on which statistic's chart.
+"""The threshold lines a drill-down chart draws, from the rules' own declarations.
 
-The rules module states thresholds per rule; a chart is per statistic.  This
-table joins the two so the drill-down can draw each line where the rule looks,
-with the thresholds the user set (query overrides included).  A rule whose
-limit moves with the data -- the vanishing-gradient ratio against the largest
-layer at each step -- gets a per-step line rather than a constant.
+A rule states its limits per rule (`tbdiag.rules.ThresholdLine`); a chart is
+per statistic.  Evaluating the declarations with the thresholds the user set
+(query overrides included) groups them by statistic, so each line is drawn
+where the rule looks.  A limit that moves with the data -- relative to the
+largest layer's value at each step -- becomes one value per logged step.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from tbdiag import rules, schema
+from tbdiag import rules
 from tbdiag.rundata import RunData
 
 
-def _const(rule: rules.Rule, value: float, direction: str, label: str) -> dict[str, Any]:
-    return {"rule": rule.name, "severity": rule.severity, "value": value, "direction": direction, "label": label}
-
-
-def _vanishing_relative(data: RunData, layer: int, rule: rules.Rule) -> dict[str, Any]:
-    rms = data.column("grad_rms").astype(np.float64)
-    finite = np.where(np.isfinite(rms), rms, np.nan)
+def _largest(data: RunData, statistic: str) -> np.ndarray:
+    """The largest finite value of ``statistic`` over layers, at each logged step (NaN where none)."""
+    values = data.column(statistic).astype(np.float64)
+    finite = np.where(np.isfinite(values), values, np.nan)
+    if finite.size == 0:
+        return np.full(len(data.steps), np.nan)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # steps where no layer has a gradient: NaN is right
-        top = np.nanmax(finite, axis=1) if finite.size else np.full(len(data.steps), np.nan)
-    return {
-        "rule": rule.name, "severity": rule.severity, "values": rule.threshold * top, "direction": "below",
-        "label": f"vanishing: {rule.threshold:g} x largest layer's",
+        warnings.simplefilter("ignore", RuntimeWarning)  # steps where no layer has a value: NaN is right
+        return np.nanmax(finite, axis=1)
+
+
+def line_json(rule: rules.Rule, line: rules.ThresholdLine, data: RunData) -> dict[str, Any]:
+    """One line: ``value`` (a constant) or ``values`` (a numpy array, one per logged step)."""
+    setting = rule.setting(line.setting)
+    out: dict[str, Any] = {
+        "rule": rule.name, "severity": rule.severity, "direction": line.direction,
+        "label": line.label.format(value=setting),
     }
+    if line.relative_to_largest:
+        out["values"] = setting * _largest(data, line.statistic)
+    else:
+        out["value"] = setting
+    return out
 
 
-#: statistic -> functions (data, layer index, resolved rules) -> line
-_LINES: dict[str, list[Callable[[RunData, int, dict[str, rules.Rule]], dict[str, Any]]]] = {
-    "dead_frac": [
-        lambda d, i, r: _const(r["dead_relu"], r["dead_relu"].threshold, "above", "dead_relu"),
-    ],
-    "saturated_frac": [
-        lambda d, i, r: _const(r["saturated_activation"], r["saturated_activation"].threshold, "above",
-                               "saturated_activation"),
-    ],
-    "grad_rms": [
-        lambda d, i, r: _const(r["exploding_gradient"], r["exploding_gradient"].threshold, "above",
-                               "exploding_gradient"),
-        lambda d, i, r: _const(r["vanishing_gradient"], r["vanishing_gradient"].params["absolute"], "below",
-                               "vanishing_gradient (absolute)"),
-        lambda d, i, r: _vanishing_relative(d, i, r["vanishing_gradient"]),
-    ],
-    "act_nonfinite": [lambda d, i, r: _const(r["nonfinite"], r["nonfinite"].threshold, "above", "nonfinite")],
-    "grad_nonfinite": [lambda d, i, r: _const(r["nonfinite"], r["nonfinite"].threshold, "above", "nonfinite")],
-    "weight_nonfinite": [lambda d, i, r: _const(r["nonfinite"], r["nonfinite"].threshold, "above", "nonfinite")],
-    "changed": [lambda d, i, r: _const(r["frozen_layer"], r["frozen_layer"].threshold, "below", "frozen_layer")],
-}
-assert set(_LINES) <= set(schema.COLUMNS)
-
-
-def threshold_lines(data: RunData, layer: int, resolved: dict[str, rules.Rule]) -> dict[str, list[dict[str, Any]]]:
-    """``{statistic: [line, ...]}``; a line has ``value`` (constant) or ``values`` (a numpy array, one per step)."""
-    return {stat: [make(data, layer, resolved) for make in makers] for stat, makers in _LINES.items()}
+def threshold_lines(data: RunData, resolved: Mapping[str, rules.Rule]) -> dict[str, list[dict[str, Any]]]:
+    """``{statistic: [line, ...]}`` for every line every rule declares, in rule order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for rule in resolved.values():
+        for line in rule.lines:
+            out.setdefault(line.statistic, []).append(line_json(rule, line, data))
+    return out

@@ -33,7 +33,14 @@ def _print_rules() -> None:
         print(f"{rule.name}  [{rule.severity}]  threshold {rule.threshold:g}, {rule.persistence} logging step(s)")
         for key, value in rule.params.items():
             print(f"    {rule.name}.{key} = {value:g}")
+        print(f"    flag:     {rule.word}")
         print(f"    measures: {rule.statistic}")
+        if rule.reads:
+            print(f"    reads:    {', '.join(rule.reads)}")
+        for line in rule.lines:
+            setting = rule.setting(line.setting)
+            limit = f"{setting:g} x the largest layer's" if line.relative_to_largest else f"{setting:g}"
+            print(f"    line:     {line.statistic} {line.direction} {limit}  ({line.label.format(value=setting)})")
         print(f"    why:      {rule.why}")
         print(f"    source:   {rule.source}")
         print(f"    try:      {rule.advice}")

@@ -106,18 +106,25 @@ def load_logdir(logdir: str, loss_tags: Sequence[str] | None = None) -> list[Run
     if not diag:
         raise NoDataError(f"{logdir}: no tbdiag data found (did the training script call DiagnosticWriter.watch?)")
     scalars = mux.PluginRunToTagToContent("scalars")
+    versions = schema.VersionCheck()  # data from a newer tbdiag: one warning per run and version
     runs = []
     for run in sorted(set(diag) | {r for r, tags in scalars.items() if any(is_loss_tag(t, loss_tags) for t in tags)}):
-        runs.append(_run_data(mux, run, diag.get(run, {}), scalars.get(run, {}), loss_tags))
+        runs.append(_run_data(mux, run, diag.get(run, {}), scalars.get(run, {}), loss_tags, versions))
     return runs
 
 
-def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequence[str] | None) -> RunData:
+def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequence[str] | None,
+              versions: schema.VersionCheck) -> RunData:
     table = None
     if schema.LAYERS_TAG in diag_tags:
         values = list(_tensors(mux, run, schema.LAYERS_TAG))
         if values:
-            table = schema.decode_layers(values[-1][1])
+            try:
+                table = schema.decode_layers(values[-1][1])
+            except ValueError as e:  # rows get placeholder names; no measurement is lost
+                warnings.warn(f"tbdiag: {run}: {e}; layers are named by position", RuntimeWarning, stacklevel=2)
+    if table is not None:
+        versions.check(run, table.version)
     if table is not None and loss_tags is None and table.extra.get("loss_tags") is not None:
         loss_tags = table.extra["loss_tags"]
     samples = []
@@ -125,6 +132,7 @@ def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequ
         if not schema.is_health_tag(tag):
             continue
         columns = schema.columns_from_metadata(content)
+        versions.check(run, schema.version_from_metadata(content))
         samples.extend((step, arr, columns) for step, arr in _tensors(mux, run, tag))
     losses = {}
     for tag in scalar_tags:

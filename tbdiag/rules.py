@@ -1,9 +1,10 @@
 """Health rules: stored statistics in, findings out.
 
-One table (`RULES`) says for each rule what it measures, its default
-threshold, how many consecutive logging steps must agree before it fires (one
-bad logging step is noise; NaN/Inf and blow-ups are not), where the threshold
-comes from and what to try.  Every reader — `tbdiag report`, the TensorBoard
+One table (`RULES`) says for each rule what it measures and which statistics
+(`tbdiag.statistics`) it reads, its default threshold, how many consecutive
+logging steps must agree before it fires (one bad logging step is noise;
+NaN/Inf and blow-ups are not), where the threshold comes from, what to try,
+the word its flag shows and the threshold lines a chart draws.  Every reader — `tbdiag report`, the TensorBoard
 tab — evaluates the same table with `evaluate`, so a threshold changed after
 training changes every view alike.
 
@@ -24,6 +25,28 @@ SEVERITIES = ("info", "warning", "error")
 SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
 
 
+#: Which side of a threshold line a rule fires on.
+DIRECTIONS = ("above", "below")
+
+
+@dataclass(frozen=True)
+class ThresholdLine:
+    """A rule's limit as a line on one statistic's chart.
+
+    Declared with the rule, so the chart draws exactly the limits the rule
+    applies, with the user's overrides, and a new rule brings its own lines.
+    """
+
+    statistic: str  # the chart it belongs on
+    direction: str  # "above" or "below": the side on which the rule fires
+    label: str  # "{value}" (format spec allowed) stands for the limit's setting
+    setting: str = ""  # "" for the rule's threshold, else one of its params
+    relative_to_largest: bool = False  # the limit is setting x the largest layer's value at each step
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row of the rule table."""
@@ -37,10 +60,19 @@ class Rule:
     why: str
     advice: str  # what to try
     params: Mapping[str, float] = field(default_factory=dict)  # secondary thresholds, "name.param" to override
+    word: str = ""  # the short flag a layer shows (the tooltip carries the rest)
+    reads: tuple[str, ...] = ()  # the statistics it reads (`tbdiag.statistics`), the one that shows it best first
+    lines: tuple[ThresholdLine, ...] = ()  # its limits, drawn on the charts of the statistics they apply to
+
+    def setting(self, name: str) -> float:
+        """The value of a setting a threshold line names ("" is the main threshold)."""
+        return self.threshold if not name else self.params[name]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["params"] = dict(self.params)
+        out["reads"] = list(self.reads)
+        out["lines"] = [line.to_json() for line in self.lines]
         return out
 
 
@@ -57,6 +89,8 @@ RULES: tuple[Rule, ...] = (
             "that capacity for good.",
         advice="Lower the learning rate; use He/Kaiming initialisation and zero or small positive biases; "
                "try LeakyReLU/GELU; add BatchNorm before the activation.",
+        word="dead", reads=("dead_frac", "dead_persist_frac"),
+        lines=(ThresholdLine("dead_frac", "above", "dead_relu"),),
     ),
     Rule(
         name="vanishing_gradient",
@@ -70,6 +104,10 @@ RULES: tuple[Rule, ...] = (
             "they were frozen at their initial values.",
         advice="Replace sigmoid/tanh hidden activations with ReLU-family ones; use Kaiming/Xavier initialisation; "
                "add residual connections or normalisation layers.",
+        word="vanishing", reads=("grad_rms",),
+        lines=(ThresholdLine("grad_rms", "below", "vanishing_gradient (absolute)", setting="absolute"),
+               ThresholdLine("grad_rms", "below", "vanishing: {value:g} x largest layer's",
+                             relative_to_largest=True)),
     ),
     Rule(
         name="exploding_gradient",
@@ -82,6 +120,8 @@ RULES: tuple[Rule, ...] = (
             "on the first logging step because the NaN usually follows within a few steps.",
         advice="Lower the learning rate; check the initialisation scale; clip gradients "
                "(torch.nn.utils.clip_grad_norm_); normalise inputs and regression targets.",
+        word="exploding", reads=("grad_rms",),
+        lines=(ThresholdLine("grad_rms", "above", "exploding_gradient"),),
     ),
     Rule(
         name="saturated_activation",
@@ -92,6 +132,8 @@ RULES: tuple[Rule, ...] = (
         why="A saturated unit has a near-zero derivative: it stops passing gradient, like a dead ReLU.",
         advice="Scale down the initialisation (Xavier); normalise the inputs; add LayerNorm/BatchNorm before the "
                "activation; lower the learning rate.",
+        word="saturated", reads=("saturated_frac",),
+        lines=(ThresholdLine("saturated_frac", "above", "saturated_activation"),),
     ),
     Rule(
         name="nonfinite",
@@ -101,6 +143,9 @@ RULES: tuple[Rule, ...] = (
         why="One NaN spreads through every later update; the run is lost from this step on.",
         advice="Check the inputs of the named layer at that step for NaN/Inf; use torch.autograd.detect_anomaly "
                "around that step; lower the learning rate; guard log/sqrt/division against zero.",
+        word="NaN/Inf", reads=("grad_nonfinite", "act_nonfinite", "weight_nonfinite"),
+        lines=tuple(ThresholdLine(stat, "above", "nonfinite")
+                    for stat in ("act_nonfinite", "grad_nonfinite", "weight_nonfinite")),
     ),
     Rule(
         name="frozen_layer",
@@ -113,6 +158,8 @@ RULES: tuple[Rule, ...] = (
             "not flagged.",
         advice="Pass all parameters to the optimizer (build it after the model is complete, or add a param group); "
                "if the freeze is intended, set requires_grad=False.",
+        word="frozen", reads=("changed", "grad_params", "grad_norm"),
+        lines=(ThresholdLine("changed", "below", "frozen_layer"),),
     ),
     Rule(
         name="loss_divergence",
@@ -123,6 +170,7 @@ RULES: tuple[Rule, ...] = (
                "diverging, not learning",
         why="The optimiser is climbing instead of descending: steps are too large for the loss surface.",
         advice="Lower the learning rate or add warm-up; clip gradients; check the loss for a sign error.",
+        word="diverging",
     ),
     Rule(
         name="loss_plateau",
@@ -133,12 +181,19 @@ RULES: tuple[Rule, ...] = (
             "a slow but healthy run moves more than that.",
         advice="Check that the optimizer holds the model's parameters and the learning rate is not ~0; look for "
                "dead or frozen layers above; overfit one batch to test the pipeline.",
+        word="plateau",
     ),
 )
 # fmt: on
 
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
 ISSUES: tuple[str, ...] = tuple(RULES_BY_NAME) + ("input_bound",)
+
+
+def word_of(issue: str) -> str:
+    """The flag word of a finding kind (the kind's own name when no rule declares one)."""
+    rule = RULES_BY_NAME.get(issue)
+    return rule.word if rule is not None and rule.word else issue
 
 
 @dataclass
@@ -158,9 +213,18 @@ class Finding:
     advice: str = ""
     ongoing: bool = False  # still true at the last logged step
     explained_by: str | None = None  # another finding this one follows from
+    # (first, last) logged steps of each stretch where it holds; empty: first_step..last_step.
+    # A reader's view, not part of the report's JSON.
+    spans: tuple[tuple[int, int], ...] = ()
+
+    def holds_at(self, step: int) -> bool:
+        """Whether the finding holds at a logged step (not merely started before it)."""
+        spans = self.spans or ((self.first_step, self.last_step),)
+        return any(a <= step <= b for a, b in spans)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["spans"]
         out["value"] = json_number(self.value)
         out["threshold"] = json_number(self.threshold)
         return out
@@ -258,6 +322,7 @@ def _layer_finding(
     threshold: float,
 ) -> Finding:
     first, last = spans[0][0], spans[-1][1] - 1
+    steps = run.steps
     return Finding(
         run=run.name,
         layer=run.table.layers[layer].name,
@@ -271,6 +336,7 @@ def _layer_finding(
         statistic=rule.statistic,
         advice=rule.advice,
         ongoing=last == len(run.steps) - 1,
+        spans=tuple((int(steps[a]), int(steps[b - 1])) for a, b in spans),
     )
 
 
@@ -400,6 +466,7 @@ def _nonfinite(run: RunData, rule: Rule) -> list[Finding]:
                     f"{n_layers} layer(s) affected at that step",
             threshold=rule.threshold, statistic=rule.statistic, advice=rule.advice,
             ongoing=last == len(run.steps) - 1,
+            spans=tuple((int(run.steps[a]), int(run.steps[b - 1])) for a, b in streaks(anybad.any(axis=1))),
         )
     ]
 
@@ -583,6 +650,7 @@ def rules_json(thresholds: Mapping[str, float] | None = None) -> list[dict[str, 
 
 
 __all__ = [
-    "Finding", "Rule", "RULES", "RULES_BY_NAME", "ISSUES", "SEVERITIES", "evaluate", "resolve",
-    "parse_threshold_args", "rules_json", "worst", "streaks", "persistent", "rolling_median",
+    "Finding", "Rule", "ThresholdLine", "RULES", "RULES_BY_NAME", "ISSUES", "SEVERITIES", "SEVERITY_RANK",
+    "DIRECTIONS", "evaluate", "resolve", "parse_threshold_args", "rules_json", "word_of", "worst", "streaks",
+    "persistent", "rolling_median",
 ]

@@ -25,16 +25,27 @@ Layout
 
 Both summaries carry ``plugin_name = "tbdiag"`` and ``DATA_CLASS_TENSOR``, since
 TensorBoard's data provider hides third-party data left at DATA_CLASS_UNKNOWN.
+
+Versions
+--------
+``SCHEMA_VERSION`` is stored in the layer table's JSON and in the health tags'
+plugin content (``{"version": 1, "columns": [...]}``).  Columns are read by
+name, so a reader can always take what it knows from newer data; what it
+cannot know is what else changed.  `VersionCheck` lets readers say so, once
+per run and version, and go on reading.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+from .statistics import STATISTICS
 
 PLUGIN_NAME = "tbdiag"
 SCHEMA_VERSION = 1
@@ -43,44 +54,14 @@ LAYERS_TAG = "tbdiag/layers"
 HEALTH_TAG_PREFIX = "tbdiag/health/"
 STEPS_PER_TAG = 10
 
-#: Per-layer statistics, in the column order of every health tensor.  Units
-#: and meaning are spelled out here once; rules, report and tab refer to them
-#: by name.
-COLUMNS: tuple[str, ...] = (
-    "act_mean",  # mean of the layer's output over the batch
-    "act_std",  # standard deviation of the layer's output
-    "act_nonfinite",  # count of NaN/Inf elements in the output
-    "dead_frac",  # fraction of units (channels / features) a ReLU never fired for over the batch; NaN if no ReLU consumes the output
-    "saturated_frac",  # fraction of sigmoid/tanh outputs within 1% of their bounds; NaN if none consumes the output
-    "grad_norm",  # L2 norm of the gradients of the layer's own parameters
-    "grad_rms",  # grad_norm / sqrt(number of gradient elements)
-    "grad_nonfinite",  # count of NaN/Inf gradient elements
-    "weight_norm",  # L2 norm of the layer's own parameters
-    "weight_nonfinite",  # count of NaN/Inf parameter elements
-    "update_ratio",  # ||w_after - w_before|| / ||w_after|| over the optimizer step (needs optimizer=)
-    "changed",  # fraction of the layer's gradient-receiving parameter tensors that changed since the previous logging step
-    "grad_params",  # number of the layer's parameter tensors that received a gradient this step
-    "dead_persist_frac",  # fraction of units that fired neither in this batch nor in the two previous logged ones
-)
+#: Per-layer statistics, in the column order of every health tensor.  What
+#: each one means, its label and scale are declared once, in
+#: `tbdiag.statistics`; rules, report and tab refer to them by name.
+COLUMNS: tuple[str, ...] = tuple(s.name for s in STATISTICS)
 COLUMN_INDEX: dict[str, int] = {name: i for i, name in enumerate(COLUMNS)}
 
 #: Short human descriptions, shared by the report and the tab.
-COLUMN_LABELS: dict[str, str] = {
-    "act_mean": "activation mean",
-    "act_std": "activation std",
-    "act_nonfinite": "NaN/Inf in activations",
-    "dead_frac": "dead ReLU units",
-    "saturated_frac": "saturated sigmoid/tanh outputs",
-    "grad_norm": "gradient L2 norm",
-    "grad_rms": "gradient RMS",
-    "grad_nonfinite": "NaN/Inf in gradients",
-    "weight_norm": "weight L2 norm",
-    "weight_nonfinite": "NaN/Inf in weights",
-    "update_ratio": "update / weight ratio",
-    "changed": "parameters changed since last log",
-    "grad_params": "parameter tensors with gradients",
-    "dead_persist_frac": "ReLU units dead for 3 logged batches",
-}
+COLUMN_LABELS: dict[str, str] = {s.name: s.label for s in STATISTICS}
 
 
 def health_tag(first_step: int) -> str:
@@ -138,10 +119,11 @@ class LayerTable:
     has_optimizer: bool = False
     columns: tuple[str, ...] = COLUMNS
     extra: dict[str, Any] = field(default_factory=dict)
+    version: int | None = SCHEMA_VERSION  # summary format it was written in (None: not stated)
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": SCHEMA_VERSION,
+            "version": self.version if self.version is not None else SCHEMA_VERSION,
             "columns": list(self.columns),
             "log_every": self.log_every,
             "has_optimizer": self.has_optimizer,
@@ -151,14 +133,32 @@ class LayerTable:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "LayerTable":
+        """Raises ValueError (or KeyError/TypeError from a malformed row) on a table that cannot be read."""
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"a layer table is a JSON object, got {type(obj).__name__}")
         known = {"version", "columns", "log_every", "has_optimizer", "layers"}
         return cls(
             layers=[LayerInfo.from_json(x) for x in obj.get("layers", [])],
             log_every=int(obj.get("log_every", 0)),
             has_optimizer=bool(obj.get("has_optimizer", False)),
-            columns=tuple(obj.get("columns", COLUMNS)),
+            columns=_column_names(obj.get("columns")) or COLUMNS,
             extra={k: v for k, v in obj.items() if k not in known},
+            version=_version(obj.get("version")),
         )
+
+
+def _column_names(value: Any) -> tuple[str, ...] | None:
+    """Column names as stored, or None when the value is not a list of names."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value):
+        return tuple(value)
+    return None
+
+
+def _version(value: Any) -> int | None:
+    """A stored format version, or None when absent or not a whole number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value % 1:
+        return None
+    return int(value)
 
 
 def _metadata(description: str, content: bytes) -> summary_pb2.SummaryMetadata:
@@ -169,23 +169,26 @@ def _metadata(description: str, content: bytes) -> summary_pb2.SummaryMetadata:
     )
 
 
-def _health_content(columns: Sequence[str]) -> bytes:
-    return json.dumps({"version": SCHEMA_VERSION, "columns": list(columns)}).encode()
+def health_metadata_content(columns: Sequence[str] = COLUMNS, version: int = SCHEMA_VERSION) -> bytes:
+    """The plugin content of a health tag: its format version and column names."""
+    return json.dumps({"version": version, "columns": list(columns)}).encode()
 
 
-_HEALTH_METADATA_CONTENT = _health_content(COLUMNS)
+_HEALTH_METADATA_CONTENT = health_metadata_content()
 
 
 def encode_layers(table: LayerTable) -> summary_pb2.Summary:
     """Summary holding the layer table as one JSON string tensor."""
-    payload = json.dumps(table.to_json(), allow_nan=False).encode()
+    obj = table.to_json()
+    payload_version = obj["version"]
+    payload = json.dumps(obj, allow_nan=False).encode()
     tensor = tensor_pb2.TensorProto(
         dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(), string_val=[payload]
     )
     value = summary_pb2.Summary.Value(
         tag=LAYERS_TAG,
         tensor=tensor,
-        metadata=_metadata("tbdiag layer table (JSON)", json.dumps({"version": SCHEMA_VERSION}).encode()),
+        metadata=_metadata("tbdiag layer table (JSON)", json.dumps({"version": payload_version}).encode()),
     )
     return summary_pb2.Summary(value=[value])
 
@@ -215,28 +218,54 @@ def encode_health(first_step: int, stats: np.ndarray, with_metadata: bool = True
 
 
 def decode_layers(value: np.ndarray | bytes | str) -> LayerTable:
-    """Layer table from the ``tbdiag/layers`` tensor (as a numpy array or raw bytes)."""
+    """Layer table from the ``tbdiag/layers`` tensor (as a numpy array or raw bytes).
+
+    Raises ValueError when the tensor holds no readable table (not JSON, not an
+    object, a malformed row): readers then name rows by position and lose no
+    measurement.
+    """
     if isinstance(value, np.ndarray):
         value = value.reshape(-1)[0] if value.size else b"{}"
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    return LayerTable.from_json(json.loads(value))
+    try:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        return LayerTable.from_json(json.loads(value))
+    except (ValueError, KeyError, TypeError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"unreadable tbdiag layer table ({type(e).__name__}: {e})") from e
+
+
+def _metadata_object(content: bytes) -> Mapping[str, Any]:
+    """A health tag's plugin content as a JSON object ({} when empty or garbled)."""
+    try:
+        obj = json.loads(content.decode("utf-8")) if content else {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+    return obj if isinstance(obj, Mapping) else {}
 
 
 def columns_from_metadata(content: bytes) -> tuple[str, ...]:
-    """Column names recorded in a health tag's plugin content (falls back to the current ones)."""
-    if not content:
-        return COLUMNS
-    try:
-        return tuple(json.loads(content.decode("utf-8"))["columns"])
-    except (ValueError, KeyError, UnicodeDecodeError):
-        return COLUMNS
+    """Column names recorded in a health tag's plugin content.
+
+    Falls back to today's COLUMNS when the content is missing or garbled (not
+    JSON, no ``columns`` list of names): the oldest files carry no content, and
+    a garbled one is better read in the only order this version knows.
+    """
+    return _column_names(_metadata_object(content).get("columns")) or COLUMNS
+
+
+def version_from_metadata(content: bytes) -> int | None:
+    """The format version recorded in a health tag's plugin content (None when not stated or garbled)."""
+    return _version(_metadata_object(content).get("version"))
 
 
 def align_columns(stats: np.ndarray, columns: Sequence[str]) -> np.ndarray:
-    """Reorder a health array written with ``columns`` into today's COLUMNS (missing ones NaN)."""
+    """Reorder a health array written with ``columns`` into today's COLUMNS.
+
+    Columns this version does not know are dropped and columns the writer did
+    not record are NaN; so is any column the array is too narrow to hold.
+    """
     columns = tuple(columns)
-    if columns == COLUMNS:
+    if columns == COLUMNS and stats.shape[-1] == len(COLUMNS):
         return stats
     out = np.full(stats.shape[:-1] + (len(COLUMNS),), np.nan, dtype=np.float32)
     for j, name in enumerate(columns):
@@ -244,3 +273,32 @@ def align_columns(stats: np.ndarray, columns: Sequence[str]) -> np.ndarray:
         if i is not None and j < stats.shape[-1]:
             out[..., i] = stats[..., j]
     return out
+
+
+class NewerFormatWarning(UserWarning):
+    """The data was written in a summary format newer than this tbdiag reads."""
+
+
+class VersionCheck:
+    """Warns once per run and version about data written by a newer tbdiag.
+
+    Such data is still read: columns go by name, so every statistic this
+    version knows is there.  The warning says what may be missing (statistics
+    it does not know, anything else that changed) and how to get it (upgrade).
+    A reader keeps one check for as long as repeating itself would be noise:
+    one ``tbdiag report``, one TensorBoard process.
+    """
+
+    def __init__(self) -> None:
+        self._warned: set[tuple[str, int]] = set()
+
+    def check(self, run: str, version: int | None) -> None:
+        if version is None or version <= SCHEMA_VERSION or (run, version) in self._warned:
+            return
+        self._warned.add((run, version))
+        warnings.warn(
+            f"tbdiag: run {run!r} was written in summary format {version}, newer than the {SCHEMA_VERSION} this "
+            "tbdiag reads; showing the statistics it knows (upgrade tbdiag to read everything)",
+            NewerFormatWarning,
+            stacklevel=2,
+        )

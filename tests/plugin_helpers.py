@@ -178,6 +178,57 @@ def write_long_run(logdir: str, *, logged_steps: int, log_every: int, layers: in
     }
 
 
+def write_recovering_run(logdir: str) -> dict:
+    """A hand-made run whose findings end before the run does, written with the schema's own encoder.
+
+    Four layers, 16 logged steps every 10 training steps, healthy throughout
+    except: ``block1``'s ReLUs are all dead at logged indices 3..8 and recover,
+    and ``block2``'s gradient RMS collapses to 1e-9 at indices 4..9 and
+    recovers.  Returns the layers, the steps where each finding holds, and a
+    step after both ended.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tbdiag import schema
+
+    log_every, logged = 10, 16
+    names = ["stem", "block1", "block2", "head"]
+    col = schema.COLUMN_INDEX
+    table = schema.LayerTable(
+        layers=[schema.LayerInfo(name=n, type="Linear", params=100, trainable_params=100, activation="relu")
+                for n in names],
+        log_every=log_every, has_optimizer=True,
+    )
+    writer = SummaryWriter(logdir)
+    fw = writer._get_file_writer()
+    fw.add_summary(schema.encode_layers(table), 0)
+    for t in range(logged):
+        stats = np.full((len(names), len(schema.COLUMNS)), np.nan, dtype=np.float32)
+        for name in ("act_nonfinite", "grad_nonfinite", "weight_nonfinite"):
+            stats[:, col[name]] = 0
+        stats[:, col["act_mean"]] = 0.2
+        stats[:, col["act_std"]] = 1.0
+        stats[:, col["dead_frac"]] = 0.05
+        stats[:, col["grad_norm"]] = 0.5
+        stats[:, col["grad_rms"]] = 1e-3
+        stats[:, col["weight_norm"]] = 10.0
+        stats[:, col["update_ratio"]] = 1e-3
+        stats[:, col["changed"]] = 1.0
+        stats[:, col["grad_params"]] = 2
+        if 3 <= t <= 8:
+            stats[1, col["dead_frac"]] = 1.0
+        if 4 <= t <= 9:
+            stats[2, col["grad_rms"]] = 1e-9
+            stats[2, col["grad_norm"]] = 1e-8
+        fw.add_summary(schema.encode_health((t - t % schema.STEPS_PER_TAG) * log_every, stats), t * log_every)
+    writer.close()
+    return {
+        "dead_layer": "block1", "dead_steps": (30, 80),
+        "vanishing_layer": "block2", "vanishing_steps": (40, 90),
+        "after": 120, "last_step": (logged - 1) * log_every,
+    }
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -276,6 +327,22 @@ def build_trained_logdir(root: str) -> None:
     """Two real runs: "sick" (conv2's ReLUs dead from step DEAD_FROM on) and "healthy"."""
     train_run(os.path.join(root, "sick"), dead=True)
     train_run(os.path.join(root, "healthy"), dead=False, seed=1)
+
+
+#: Runs of the side-by-side logdir: three written here, each copied once under a second name.
+SIDE_BY_SIDE_RUNS = ["sick", "healthy", "recovering", "sick-copy", "healthy-copy", "recovering-copy"]
+
+
+def build_side_by_side_logdir(root: str) -> None:
+    """Six runs to tick side by side: the trained sick and healthy runs, a hand-made run whose findings end
+    (`write_recovering_run`), and a copy of each under another name."""
+    import shutil
+
+    train_run(os.path.join(root, "sick"), dead=True)
+    train_run(os.path.join(root, "healthy"), dead=False, seed=1)
+    write_recovering_run(os.path.join(root, "recovering"))
+    for name in ("sick", "healthy", "recovering"):
+        shutil.copytree(os.path.join(root, name), os.path.join(root, f"{name}-copy"))
 
 
 def build_xss_logdir(root: str) -> None:

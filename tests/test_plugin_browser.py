@@ -3,11 +3,13 @@
 A logdir written by real training (a run whose conv2 ReLUs are dead, and a
 healthy one) is served by ``tensorboard`` on 127.0.0.1; headless Chromium
 opens ``/#tbdiag`` and works inside the plugin's iframe like a person would.
-The screenshot it takes is the one in the README (``docs/diagnostics-tab.png``).
+The screenshots it takes are the ones in the README and docs
+(``docs/diagnostics-tab.png``, ``docs/diagnostics-tab-3-runs.png``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 
@@ -19,8 +21,9 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
-SCREENSHOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                          "diagnostics-tab.png")
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+SCREENSHOT = os.path.join(DOCS, "diagnostics-tab.png")
+SCREENSHOT_3_RUNS = os.path.join(DOCS, "diagnostics-tab-3-runs.png")
 
 
 def _chromium_path() -> str:
@@ -154,7 +157,7 @@ def test_sick_layer_is_flagged_and_its_drilldown_opens(browser, trained):
         healthy = frame.locator("section.panel[data-run='healthy']")
         healthy.locator("tr.layer-row").first.wait_for(timeout=30_000)
         assert frame.locator("section.panel").count() == 2
-        assert "Healthy" in healthy.locator(".banner").inner_text()
+        assert "Healthy: no rule fired across 4 layers × 20 logged steps" in healthy.locator(".banner").inner_text()
         assert healthy.locator(".flag").count() == 0
 
         assert watch.errors == [] and watch.dialogs == []
@@ -182,3 +185,198 @@ def test_html_in_layer_and_run_names_is_shown_as_text(browser, tmp_path_factory)
         assert watch.dialogs == [], f"a name was executed as HTML: {watch.dialogs}"
         assert watch.errors == []
         page.close()
+
+
+# ------------------------------------------------------------ runs side by side
+
+
+def select_runs(frame, runs: list[str]) -> None:
+    """Show exactly ``runs``, in this order (panels follow the order runs were ticked in)."""
+    chips = {chip.get_attribute("data-run"): chip.locator("input") for chip in frame.locator("label.run-chip").all()}
+    shown = frame.locator("section.panel").evaluate_all("(ps) => ps.map((p) => p.dataset.run)")
+    keep = 0  # the panels already shown in the wanted order stay
+    while keep < min(len(shown), len(runs)) and shown[keep] == runs[keep]:
+        keep += 1
+    for name in shown[keep:]:
+        chips[name].click()
+    for name in runs[keep:]:
+        chips[name].click()
+    for name in runs:
+        panel = frame.locator(f"section.panel[data-run='{name}']")
+        panel.locator("tr.layer-row").first.wait_for(timeout=30_000)
+        panel.locator("canvas.heat-canvas[data-layers]").wait_for(timeout=30_000)
+    assert frame.locator("section.panel").evaluate_all("(ps) => ps.map((p) => p.dataset.run)") == runs
+
+
+def layout_problems(page, frame) -> list[str]:
+    """Everything wrong with how the panels sit: outside the window or the page, overlapping, canvases too wide."""
+    page.wait_for_timeout(400)  # resize observers and a frame of drawing
+    iframe = page.locator("iframe").bounding_box()
+    left, right = iframe["x"], min(page.viewport_size["width"], iframe["x"] + iframe["width"])
+    problems, boxes = [], []
+    for panel in frame.locator("section.panel").all():
+        run, box = panel.get_attribute("data-run"), panel.bounding_box()
+        boxes.append((run, box))
+        if box["x"] < left - 0.5 or box["x"] + box["width"] > right + 0.5:
+            problems.append(f"panel {run} spans x {box['x']:.0f}..{box['x'] + box['width']:.0f}, "
+                            f"window {left:.0f}..{right:.0f}")
+        for canvas in panel.locator("canvas").all():
+            cb = canvas.bounding_box()
+            if cb is None:  # not displayed
+                continue
+            if cb["x"] < box["x"] - 0.5 or cb["x"] + cb["width"] > box["x"] + box["width"] + 0.5:
+                problems.append(f"a canvas of {run} ({cb['width']:.0f}px at x {cb['x']:.0f}) leaves its panel "
+                                f"({box['width']:.0f}px at x {box['x']:.0f})")
+        # heatmaps are drawn for the width they have, not stretched from an old one
+        stale = panel.locator("canvas.heat-canvas").evaluate(
+            "(c) => Math.abs(c.width / (window.devicePixelRatio || 1) - c.clientWidth) > 1")
+        if stale:
+            problems.append(f"the heatmap of {run} was drawn for another width")
+    for (a, ba), (b, bb) in itertools.combinations(boxes, 2):
+        dx = min(ba["x"] + ba["width"], bb["x"] + bb["width"]) - max(ba["x"], bb["x"])
+        dy = min(ba["y"] + ba["height"], bb["y"] + bb["height"]) - max(ba["y"], bb["y"])
+        if dx > 0.5 and dy > 0.5:
+            problems.append(f"panels {a} and {b} overlap by {dx:.0f} x {dy:.0f} px")
+    overflow = frame.locator("body").evaluate(
+        "() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    if overflow > 0:
+        problems.append(f"the page scrolls sideways by {overflow}px")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def side_by_side(tmp_path_factory):
+    logdir = h.session_logdir(tmp_path_factory, "side-by-side", h.build_side_by_side_logdir)
+    with h.TensorBoardProcess(logdir, load_fast=False, workdir=str(tmp_path_factory.mktemp("tb-side"))) as tb:
+        yield tb
+
+
+def test_one_to_six_runs_fit_side_by_side(browser, side_by_side):
+    page, frame, watch = open_tab(browser, side_by_side.url)
+    for n in range(1, 7):
+        select_runs(frame, h.SIDE_BY_SIDE_RUNS[:n])
+        assert layout_problems(page, frame) == [], f"{n} run(s) ticked"
+    # three runs with a drill-down open, in a narrower window, then a wider one again
+    select_runs(frame, ["sick", "healthy", "recovering"])
+    sick = frame.locator("section.panel[data-run='sick']")
+    sick.locator(f"tr.layer-row[data-layer='{h.DEAD_LAYER}']").click()
+    sick.locator("canvas.chart[data-stat='dead_frac']").wait_for(timeout=10_000)
+    for width in (1500, 1100, 760, 1500):
+        page.set_viewport_size({"width": width, "height": 1000})
+        assert layout_problems(page, frame) == [], f"window {width}px wide"
+    widths = frame.locator("canvas.heat-canvas").evaluate_all("(cs) => cs.map((c) => c.clientWidth)")
+    assert min(widths) > 300, f"heatmaps did not grow back with the window: {widths}"
+    assert watch.errors == [] and watch.dialogs == []
+    page.close()
+
+
+def _move_slider(panel, step: int, log_every: int = 10) -> None:
+    """Drag the panel's step slider to logged step ``step`` (the slider counts logged steps) and wait for its table."""
+    panel.locator("input.step-slider").evaluate(
+        f"(s) => {{ s.value = String({step // log_every}); s.dispatchEvent(new Event('input')); }}")
+    panel.locator(".table-host .muted").filter(has_text=f"statistics at step {step} ").wait_for(timeout=10_000)
+
+
+def test_three_runs_read_well_side_by_side(browser, side_by_side):
+    page, frame, watch = open_tab(browser, side_by_side.url)
+    select_runs(frame, ["sick", "healthy", "recovering"])
+    banner = frame.locator("section.panel[data-run='healthy'] .banner").inner_text()
+    assert "Healthy: no rule fired across 4 layers × 20 logged steps (steps 0–38)" in banner, banner
+    assert "sev-warning" in frame.locator("section.panel[data-run='sick'] .banner").get_attribute("class")
+    # the recovering run at a step where both of its findings hold, and the charts of one that ended later
+    recovering = frame.locator("section.panel[data-run='recovering']")
+    _move_slider(recovering, 50)
+    recovering.locator("tr.layer-row[data-layer='block2']").click()
+    recovering.locator("canvas.chart[data-stat='grad_rms']").wait_for(timeout=10_000)
+    assert layout_problems(page, frame) == []
+    page.mouse.move(5, 5)
+    page.wait_for_timeout(300)
+    page.screenshot(path=SCREENSHOT_3_RUNS)
+    assert watch.errors == [] and watch.dialogs == []
+    page.close()
+
+
+def test_a_flag_shows_only_while_its_finding_holds(browser, side_by_side):
+    page, frame, watch = open_tab(browser, side_by_side.url)
+    select_runs(frame, ["recovering"])
+    panel = frame.locator("section.panel[data-run='recovering']")
+    # the banner still names both findings: they happened
+    assert "1 × dead" in panel.locator(".banner").inner_text()
+
+    def chips() -> dict[str, list[str]]:
+        return {row.get_attribute("data-layer"): row.locator(".flag").all_inner_texts()
+                for row in panel.locator("tr.layer-row").all()}
+
+    # block1's ReLUs are dead at steps 30..80, block2's gradients vanish at 40..90; both recover
+    expected = {
+        20: {}, 30: {"block1": ["dead"]}, 50: {"block1": ["dead"], "block2": ["vanishing"]},
+        90: {"block2": ["vanishing"]}, 100: {}, 150: {},
+    }
+    for step, flags in expected.items():
+        _move_slider(panel, step)
+        assert {k: v for k, v in chips().items() if v} == flags, f"at step {step}"
+        tinted = panel.locator("tr.layer-row.row-warning").evaluate_all("(rs) => rs.map((r) => r.dataset.layer)")
+        assert sorted(tinted) == sorted(flags), f"rows tinted at step {step}"
+    assert watch.errors == [] and watch.dialogs == []
+    page.close()
+
+
+def test_answers_the_user_moved_on_from_are_dropped(browser, side_by_side):
+    """`Requests` in the page itself: a newer request for the same thing, a closed panel, a closed drill-down."""
+    page, frame, watch = open_tab(browser, side_by_side.url)
+    got = frame.locator("body").evaluate("""async () => {
+        const {Requests} = await import('/data/plugin/tbdiag/requests.js');
+        const {state} = await import('/data/plugin/tbdiag/state.js');
+        const pending = [];
+        const realFetch = window.fetch;
+        window.fetch = (url) => new Promise((resolve) => pending.push({url, resolve}));
+        const answer = (i, body, status = 200) => pending[i].resolve(
+            new Response(JSON.stringify(body), {status, headers: {'Content-Type': 'application/json'}}));
+        state.thresholds = {dead_relu: '0.7'};
+        const r = new Requests();
+        const out = [];
+        const older = r.get('table', 'layers', {run: 'a', step: 10});
+        const newer = r.get('table', 'layers', {run: 'a', step: 20});
+        const other = r.get('heatmap', 'heatmap', {run: 'a', stat: 'x'});
+        answer(1, {step: 20}); answer(0, {step: 10}); answer(2, {heat: 1});  // out of order
+        out.push(await older, await newer, await other);
+        const closedPanel = r.get('series', 'series', {}); r.abandon(); answer(3, {late: 1});
+        out.push(await closedPanel);
+        const closedDrill = r.get('series', 'series', {}); r.forget('series'); answer(4, {late: 2});
+        out.push(await closedDrill);
+        const staleError = r.get('x', 'x'); const error = r.get('x', 'x');
+        answer(5, {error: 'old'}, 400); answer(6, {error: 'new'}, 400);
+        out.push(await staleError);
+        try { await error; out.push('no error'); } catch (err) { out.push(err.message); }
+        out.push(pending[1].url);
+        window.fetch = realFetch; state.thresholds = {};
+        return out;
+    }""")
+    assert got[:7] == [None, {"step": 20}, {"heat": 1}, None, None, None, "new"], got
+    assert got[7] == "layers?run=a&step=20&threshold=dead_relu%3D0.7", got[7]
+    assert watch.errors == [] and watch.dialogs == []
+    page.close()
+
+
+def test_a_late_answer_does_not_overwrite_a_newer_choice(browser, side_by_side):
+    """The network answers out of order: what the user chose last is what stays on screen."""
+    page, frame, watch = open_tab(browser, side_by_side.url)
+    select_runs(frame, ["recovering"])
+    panel = frame.locator("section.panel[data-run='recovering']")
+    # from now on the server is slow to answer for gradient norms and for the table at step 30
+    frame.locator("body").evaluate("""() => {
+        const real = window.fetch;
+        window.fetch = (url, ...rest) => /stat=grad_norm|step=30(&|$)/.test(String(url))
+            ? new Promise((resolve) => setTimeout(() => resolve(real(url, ...rest)), 1500))
+            : real(url, ...rest);
+    }""")
+    frame.locator("#stat-select").select_option("grad_norm")
+    frame.locator("#stat-select").select_option("dead_frac")
+    panel.locator("input.step-slider").evaluate("(s) => { s.value = '3'; s.dispatchEvent(new Event('input')); }")
+    page.wait_for_timeout(400)  # the slider waits for the hand to stop before asking
+    _move_slider(panel, 120)
+    page.wait_for_timeout(2500)  # the slow answers have arrived by now
+    assert panel.locator(".heatmap .section-title").inner_text().startswith("dead ReLU units")
+    assert "statistics at step 120 " in panel.locator(".table-host .muted").inner_text()
+    assert watch.errors == [] and watch.dialogs == []
+    page.close()

@@ -56,7 +56,14 @@ def test_entry_point_registers_the_tab(client):
     assert listing["tbdiag"]["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/tbdiag/index.js"}
     r = client.get(P + "/index.js")
     assert r.status_code == 200 and b"export async function render" in r.get_data()
-    assert client.get(P + "/style.css").status_code == 200
+    # every module the entry imports, and the stylesheet, as TensorBoard serves them
+    static = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tb_plugin", "static")
+    for name in os.listdir(static):
+        r = client.get(f"{P}/{name}")
+        assert r.status_code == 200, name
+        assert r.headers["Content-Type"].startswith("text/javascript" if name.endswith(".js") else "text/css"), name
+        with open(os.path.join(static, name), "rb") as f:
+            assert r.get_data() == f.read(), name
 
 
 def test_tab_is_hidden_without_tbdiag_data(tmp_path):
@@ -108,7 +115,7 @@ def test_findings_are_the_report_findings(client, logdir):
 
 def test_healthy_run_has_no_findings(client):
     body = get(client, P + "/findings?run=healthy")
-    assert body["findings"] == [] and body["worst"] is None
+    assert body["findings"] == [] and body["worst"] is None and body["layer_count"] == 4
 
 
 def test_layer_table_in_model_order_with_flags(client, logdir):
@@ -171,8 +178,12 @@ def test_heatmap_is_every_layer_by_every_step(client, logdir):
 
 
 def test_rules_table_and_threshold_overrides(client):
-    rules = {r["name"]: r for r in get(client, P + "/rules?threshold=dead_relu=0.7")["rules"]}
+    body = get(client, P + "/rules?threshold=dead_relu=0.7")
+    rules = {r["name"]: r for r in body["rules"]}
     assert rules["dead_relu"]["threshold"] == 0.7 and rules["dead_relu"]["advice"]
+    assert rules["dead_relu"]["word"] == "dead" and rules["dead_relu"]["reads"][0] == "dead_frac"
+    assert [s["name"] for s in body["statistics"]] == list(schema.COLUMNS)
+    assert body["severities"] == ["info", "warning", "error"]
     # conv2 is 100% dead: a threshold above 100% silences it, everywhere the tab looks
     quiet = "threshold=dead_relu=1.01"
     assert not [f for f in get(client, P + f"/findings?run=sick&{quiet}")["findings"] if f["issue"] == "dead_relu"]

@@ -185,3 +185,60 @@ def test_findings_json_is_strict_even_with_nan():
 def test_streaks():
     assert rules.streaks(np.array([0, 1, 1, 0, 1], bool)) == [(1, 3), (4, 5)]
     assert rules.streaks(np.array([], bool)) == []
+
+
+class _RecordingRun(RunData):
+    """A RunData that remembers which statistics a rule asked for."""
+
+    def __init__(self, run: RunData) -> None:
+        super().__init__(run.name, run.table, run.steps, run.stats, run.losses)
+        self.read: set[str] = set()
+
+    def column(self, name: str) -> np.ndarray:
+        self.read.add(name)
+        return super().column(name)
+
+
+@pytest.mark.parametrize("rule", rules.RULES, ids=lambda r: r.name)
+def test_each_rule_reads_exactly_the_statistics_it_declares(rule):
+    run = _RecordingRun(make_run(losses={"loss": (np.arange(40), np.linspace(2.3, 0.5, 40))}))
+    rules.evaluate(run, rules=[rule.name])
+    assert run.read == set(rule.reads), f"{rule.name} declares {rule.reads}, reads {sorted(run.read)}"
+
+
+def test_rule_declarations_name_real_statistics_settings_and_words():
+    from tbdiag import statistics
+
+    words = [rule.word for rule in rules.RULES]
+    assert all(words) and len(set(words)) == len(words), "every rule needs its own flag word"
+    for rule in rules.RULES:
+        assert set(rule.reads) <= set(statistics.BY_NAME), rule.name
+        for line in rule.lines:
+            assert line.statistic in statistics.BY_NAME, (rule.name, line)
+            assert line.direction in rules.DIRECTIONS, (rule.name, line)
+            assert line.setting == "" or line.setting in rule.params, (rule.name, line)
+            assert line.label.format(value=rule.setting(line.setting)), (rule.name, line)
+    # the rule table as served: JSON all the way down
+    table = json.loads(json.dumps(rules.rules_json({"vanishing_gradient.absolute": 1e-8})))
+    vanishing = next(r for r in table if r["name"] == "vanishing_gradient")
+    assert vanishing["word"] == "vanishing" and vanishing["reads"] == ["grad_rms"]
+    assert {(line["setting"], line["relative_to_largest"]) for line in vanishing["lines"]} == {
+        ("absolute", False), ("", True)}
+
+
+def test_a_finding_holds_only_where_its_streaks_are():
+    dead = np.full((10, 3), 0.05)
+    dead[1:4, 0] = 0.9  # dead at steps 10..30, recovers, dead again at 60..90
+    dead[6:, 0] = 0.9
+    (f,) = rules.evaluate(make_run(dead_frac=dead))
+    assert (f.first_step, f.last_step, f.spans) == (10, 90, ((10, 30), (60, 90)))
+    assert [s for s in range(0, 100, 10) if f.holds_at(s)] == [10, 20, 30, 60, 70, 80, 90]
+    assert "spans" not in f.to_json(), "the report's JSON is unchanged"
+    # without spans (a finding built by hand) it holds from its first to its last step
+    g = rules.Finding(run="r", layer="l0", issue="dead_relu", severity="warning", first_step=10, last_step=30,
+                      value=1.0, message="m")
+    assert [g.holds_at(s) for s in (0, 10, 30, 40)] == [False, True, True, False]
+
+
+def test_word_of_falls_back_to_the_kind():
+    assert rules.word_of("dead_relu") == "dead" and rules.word_of("something_new") == "something_new"

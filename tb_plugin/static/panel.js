@@ -1,0 +1,255 @@
+// One run's panel: banner, per-layer table at a chosen step, heatmap, drill-down.
+//
+// Several panels sit side by side; each sizes its canvases to the room it
+// gets and draws them again whenever that changes (a run ticked or unticked,
+// the window resized).  Its requests go through its own `Requests`, so an
+// answer for a step, statistic or layer the user has moved on from is dropped.
+
+import {drawChart} from './chart.js';
+import {el} from './dom.js';
+import {flagTooltip, fmt, fmtInt, num} from './format.js';
+import {Heatmap} from './heatmap.js';
+import {Requests} from './requests.js';
+import {primaryStat, readsOf, ruleOf, state, statisticOf, wordOf, worstOf} from './state.js';
+
+function flagChip(f) {
+  const chip = el('span', {class: `flag sev-${f.severity}`, title: flagTooltip(f), text: wordOf(f.issue)});
+  chip.dataset.issue = f.issue;
+  return chip;
+}
+
+/** The statistics worth a chart for this layer, those a finding's rule reads first. */
+function chartedStats(series) {
+  const read = new Set(series.findings.flatMap((f) => readsOf(f.issue)));
+  const wanted = state.meta.statistics.filter((st) => {
+    const vals = (series.series[st.name] || []).map(num).filter((v) => !Number.isNaN(v));
+    if (!vals.length) return false;  // never measured for this layer
+    if (st.chart === 'nonzero') return vals.some((v) => v !== 0);
+    if (st.chart === 'with_finding') return read.has(st.name);
+    return st.chart === 'always';
+  }).map((st) => st.name);
+  return wanted.sort((a, b) => Number(read.has(b)) - Number(read.has(a)));
+}
+
+export class RunPanel {
+  constructor(run) {
+    this.run = run;
+    this.openName = null;
+    this.requests = new Requests();
+    this.charts = [];  // [{canvas, draw}] of the open drill-down
+    this.root = el('section', {class: 'panel'});
+    this.root.dataset.run = run.run;
+    this.banner = el('div', {class: 'banner'});
+    this.heatmap = new Heatmap(this);
+    this.stepLabel = el('span', {class: 'step-label'});
+    this.slider = el('input', {type: 'range', min: 0, max: 0, value: 0, class: 'step-slider',
+      'aria-label': 'step shown in the table'});
+    this.slider.addEventListener('input', () => {
+      this.stepLabel.textContent = `step ${fmtInt(this.steps ? this.steps[this.slider.value] : 0)}`;
+      clearTimeout(this.sliderTimer);
+      this.sliderTimer = setTimeout(() => this.loadTable(this.steps[this.slider.value]), 150);
+    });
+    this.tableHost = el('div', {class: 'table-host'});
+    this.drill = el('div', {class: 'drill', hidden: ''});
+    this.root.append(
+        el('h2', {class: 'run-name', text: run.run}), this.banner,
+        el('div', {class: 'panel-body'},
+            el('div', {class: 'col-table'},
+                el('div', {class: 'section-title'}, 'Per-layer health at ', this.stepLabel, this.slider),
+                this.tableHost),
+            el('div', {class: 'col-heat'}, this.heatmap.root, this.drill)));
+    // canvases follow the room the panel gets: another run ticked, the window resized
+    this.widths = new WeakMap();
+    this.resizing = new ResizeObserver((entries) => {
+      const changed = entries.some((e) => this.widths.get(e.target) !== e.contentRect.width);
+      for (const e of entries) this.widths.set(e.target, e.contentRect.width);
+      if (changed) this.redraw();
+    });
+    this.resizing.observe(this.heatmap.wrap);
+    this.resizing.observe(this.drill);
+  }
+
+  /** The panel is closed: answers still on their way are dropped, resizing is no longer followed. */
+  dispose() {
+    this.requests.abandon();
+    this.resizing.disconnect();
+    clearTimeout(this.sliderTimer);
+  }
+
+  redraw() {
+    this.heatmap.draw();
+    for (const chart of this.charts) chart.draw();
+  }
+
+  /** Everything again: findings, heatmap, the table at the last step, the open drill-down. */
+  async load() {
+    const heatmap = this.reloadHeatmap();
+    let findings;
+    try {
+      findings = await this.requests.get('findings', 'findings', {run: this.run.run});
+    } catch (err) {
+      this.banner.className = 'banner sev-error';
+      this.banner.textContent = `Could not load run ${this.run.run}: ${err.message}`;
+      return;
+    }
+    await heatmap;
+    if (!findings) return;  // a newer load is on its way
+    this.findings = findings;
+    this.renderBanner();
+    this.slider.value = this.slider.max;
+    if (this.steps) this.stepLabel.textContent = `step ${fmtInt(this.steps[this.steps.length - 1])}`;
+    await this.loadTable(null);
+    if (this.openName) await this.openLayer(this.openName);
+  }
+
+  async reloadHeatmap() {
+    try {
+      const heat = await this.requests.get('heatmap', 'heatmap', {run: this.run.run, stat: state.stat});
+      if (!heat) return;  // another statistic was chosen meanwhile
+      this.steps = heat.steps;  // every logged step: what the slider moves over
+      this.slider.max = Math.max(0, heat.steps.length - 1);
+      this.heatmap.set(heat);
+    } catch (err) {
+      this.heatmap.title.textContent = err.message;
+    }
+  }
+
+  renderBanner() {
+    const f = this.findings;
+    const banner = this.banner;
+    banner.replaceChildren();
+    banner.className = `banner ${f.worst ? `sev-${f.worst}` : 'ok'}`;
+    if (!f.findings.length) {
+      banner.append(el('div', {class: 'headline', text:
+        `Healthy: no rule fired across ${fmtInt(f.layer_count)} layers × ${fmtInt(f.steps.count)} logged steps ` +
+        `(steps ${fmtInt(f.steps.first)}–${fmtInt(f.steps.last)}).`}));
+      return;
+    }
+    const top = f.findings[0];
+    const word = wordOf(top.issue);
+    banner.append(el('div', {class: 'headline'},
+        el('span', {class: `badge sev-${top.severity}`, text: top.severity.toUpperCase()}),
+        el('strong', {text: top.layer ? `${top.layer}: ${word}` : word}), ' — ',
+        top.layer && top.message.startsWith(`${top.layer}: `) ? top.message.slice(top.layer.length + 2) : top.message));
+    const list = el('ul', {class: 'kinds'});
+    for (const k of f.summary) {
+      const rule = ruleOf(k.issue);
+      const who = k.layers.length ? ` in ${k.layers.slice(0, 4).join(', ')}${k.layers.length > 4 ? ', …' : ''}` : '';
+      const explained = k.explained ? ` (${k.explained} explained by another finding)` : '';
+      const title = rule ? `${rule.why}\nWhat to try: ${rule.advice}` : '';
+      list.append(el('li', {class: `kind sev-${k.severity}`, title},
+          el('span', {class: `dot sev-${k.severity}`}),
+          el('span', {}, el('strong', {text: `${k.count} × ${k.word}`}),
+              `${who} · since step ${fmtInt(k.first_step)}${explained}`)));
+    }
+    banner.append(list);
+  }
+
+  async loadTable(step) {
+    const params = {run: this.run.run};
+    if (step !== null && step !== undefined) params.step = step;
+    const table = await this.requests.get('table', 'layers', params);
+    if (!table) return;  // the user moved the slider on, or reloaded
+    this.table = table;
+    this.renderTable();
+  }
+
+  renderTable() {
+    const t = this.table;
+    if (!t) return;
+    const stats = t.key_stats.map(statisticOf);
+    const head = el('tr', {},
+        el('th', {text: 'Layer'}), el('th', {class: 'col-type', text: 'Type'}),
+        el('th', {class: 'num col-params', text: 'Params'}),
+        ...stats.map((s) => el('th', {class: 'num', title: `${s.label} (${s.name}): ${s.meaning}`, text: s.short})),
+        el('th', {text: 'Flags'}));
+    const rows = [];
+    for (const layer of t.layers) {
+      const active = layer.flags.filter((f) => f.active);  // findings that hold at this step
+      if (state.onlyFlagged && !active.length) continue;
+      const worst = worstOf(active.map((f) => f.severity));
+      const tr = el('tr', {class: `layer-row${worst ? ` row-${worst}` : ''}${layer.name === this.openName ? ' open' : ''}`,
+        onclick: () => this.openLayer(layer.name)});
+      tr.dataset.layer = layer.name;
+      const flags = el('td', {class: 'flags'});
+      for (const f of active) flags.append(flagChip(f));
+      // a key statistic a flag here is about takes that flag's colour (style.css colours the alarming ones)
+      const cellClass = (stat) => {
+        const sev = worstOf(active.filter((f) => primaryStat(f.issue) === stat).map((f) => f.severity));
+        return sev ? `num bad-${sev}` : 'num';
+      };
+      const type = layer.type + (layer.activation ? ` → ${layer.activation}` : '');
+      tr.append(
+          el('td', {class: 'name', text: layer.name, title: `${layer.name}\n${type} · ${fmtInt(layer.params)} parameters`}),
+          el('td', {class: 'type col-type', text: type}),
+          el('td', {class: 'num col-params', text: fmtInt(layer.params)}),
+          ...stats.map((s) => el('td', {class: cellClass(s.name), text: fmt(layer.stats[s.name], s.scale)})),
+          flags);
+      rows.push(tr);
+    }
+    const table = el('table', {class: 'layers'}, el('thead', {}, head), el('tbody', {}, ...rows));
+    const note = el('div', {class: 'muted', text:
+      `${fmtInt(rows.length)} of ${fmtInt(t.layers.length)} layers, model order · statistics at step ${fmtInt(t.step)}` +
+      ' · hover a flag for what was measured, the threshold, since when and what to try'});
+    this.tableHost.replaceChildren(table, note);
+  }
+
+  closeLayer() {
+    this.openName = null;
+    this.requests.forget('series');  // an answer still on its way would reopen it
+    this.charts = [];
+    this.drill.hidden = true;
+    this.drill.replaceChildren();
+    this.heatmap.draw();
+    this.renderTable();
+  }
+
+  async openLayer(name) {
+    this.openName = name;
+    for (const tr of this.tableHost.querySelectorAll('tr.layer-row')) {
+      tr.classList.toggle('open', tr.dataset.layer === name);
+    }
+    this.heatmap.draw();
+    let series;
+    try {
+      series = await this.requests.get('series', 'series', {run: this.run.run, layer: name});
+    } catch (err) {
+      this.drill.hidden = false;
+      this.drill.replaceChildren(el('div', {class: 'load-error', text: err.message}));
+      return;
+    }
+    if (!series) return;  // another layer was opened meanwhile
+    const close = el('button', {class: 'close', text: '×', title: 'close', onclick: () => this.closeLayer()});
+    const header = el('div', {class: 'drill-head'},
+        el('strong', {text: series.layer}),
+        el('span', {class: 'muted', text: ` ${series.type} · over ${fmtInt(series.steps.length)} logged steps`}),
+        close);
+    const charts = el('div', {class: 'charts'});
+    this.charts = [];
+    for (const name of chartedStats(series)) {
+      const st = statisticOf(name);
+      const lines = series.thresholds[name] || [];
+      const findings = series.findings.filter((f) => readsOf(f.issue).includes(name));
+      const canvas = el('canvas', {class: 'chart'});
+      canvas.dataset.stat = name;
+      canvas.dataset.thresholdLines = String(lines.length);
+      const legend = el('div', {class: 'chart-legend'});
+      for (const line of lines) {
+        legend.append(el('span', {class: `thr sev-${line.severity}`,
+          text: `- - ${line.label}${'value' in line ? ` = ${fmt(line.value, st.scale)}` : ''}`}));
+      }
+      charts.append(el('div', {class: `chart-box${findings.length ? ' flagged' : ''}`},
+          el('div', {class: 'chart-title', title: st.meaning,
+            text: `${st.label} (${name})${st.scale === 'log' ? ', log scale' : ''}`}),
+          canvas, legend));
+      this.charts.push({canvas, draw: () => drawChart(canvas, series.steps, series.series[name], st.scale, lines, findings)});
+    }
+    const notes = el('ul', {class: 'drill-findings'});
+    for (const f of series.findings) {
+      notes.append(el('li', {}, flagChip(f), ' ', f.message, el('div', {class: 'advice', text: `What to try: ${f.advice}`})));
+    }
+    this.drill.replaceChildren(header, notes, charts);
+    this.drill.hidden = false;
+    requestAnimationFrame(() => { for (const chart of this.charts) chart.draw(); });
+  }
+}
