@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tensorboard.data import provider
 
-from tbdiag import rules, schema
+from tbdiag import checks, rules, schema
 from tbdiag.rundata import RunData, is_loss_tag
 
 #: Scalars (the loss curves the loss rules read) live under TensorBoard's own
@@ -138,7 +138,7 @@ class RunSource:
             key = thresholds_key(thresholds)
             found = entry.findings.get(key)
             if found is None:
-                found = rules.evaluate(entry.data, thresholds)
+                found = checks.evaluate(entry.data, thresholds)
                 if len(entry.findings) >= 16:  # a user trying many thresholds: keep memory bounded
                     entry.findings.pop(next(iter(entry.findings)))
                 entry.findings[key] = found

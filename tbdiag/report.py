@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Mapping, Sequence
 
-from . import rules
+from . import checks, rules
 from .reader import NoDataError, load_logdir
 from .rules import Finding
 from .rundata import RunData
@@ -32,7 +32,7 @@ def findings_for(runs: Sequence[RunData], thresholds: Mapping[str, float] | None
     """Evaluate the rules on each run; all findings, most severe first, then by run and step."""
     findings: list[Finding] = []
     for run in runs:
-        findings.extend(rules.evaluate(run, thresholds))
+        findings.extend(checks.evaluate(run, thresholds))
     findings.sort(key=lambda f: (-rules.SEVERITY_RANK[f.severity], f.run, f.first_step))
     return findings
 

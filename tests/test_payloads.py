@@ -16,7 +16,7 @@ import pytest
 from tb_plugin import payloads
 from tb_plugin.query import BadRequest
 from tb_plugin.run_source import RunView
-from tbdiag import rules, schema, statistics
+from tbdiag import checks, rules, schema, statistics
 from tbdiag.rundata import RunData
 
 C = schema.COLUMN_INDEX
@@ -46,7 +46,7 @@ def recovering_run() -> RunData:
 
 
 def view_of(data: RunData, thresholds=None) -> RunView:
-    return RunView(data=data, findings=rules.evaluate(data, thresholds), version=1, memo={})
+    return RunView(data=data, findings=checks.evaluate(data, thresholds), version=1, memo={})
 
 
 def strict(body):
