@@ -69,6 +69,18 @@ def _assert_no_hooks(model: nn.Module, optimizer: torch.optim.Optimizer | None =
         assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
 
 
+def _train_watched_and_twin(tmp_path, model: nn.Module, twin: nn.Module, fit) -> list:
+    """``fit(twin)`` unwatched, then ``fit(model, writer)`` watched: no tbdiag fault, the same parameters."""
+    fit(twin)
+    writer = DiagnosticWriter(str(tmp_path))
+    with _recording() as caught:
+        fit(model, writer)
+        writer.close()
+    _assert_no_tbdiag_fault(caught)
+    _assert_same_params(model, twin)
+    return caught
+
+
 def _run(logdir) -> "tbdiag.rundata.RunData":
     (run,) = load_logdir(str(logdir))
     return run
@@ -154,13 +166,7 @@ def test_hugging_face_model_called_with_keyword_arguments(tmp_path):
             out.loss.backward()
             opt.step()
 
-    fit(twin)
-    writer = DiagnosticWriter(str(tmp_path))
-    with _recording() as caught:
-        fit(model, writer)
-        writer.close()
-    _assert_no_tbdiag_fault(caught)
-    _assert_same_params(model, twin)
+    _train_watched_and_twin(tmp_path, model, twin, fit)
     assert _accumulator(tmp_path).Tags()["graph"], "the traced graph was logged"
     run = _run(tmp_path)
     assert run.steps.tolist() == [0, 2]
@@ -738,13 +744,7 @@ def test_modules_called_more_than_once_per_step(tmp_path, case, optimizer):
     if case == "siamese":
         with torch.no_grad():
             first_call = float(model.enc[0](inputs[0]).mean())
-    fit(twin)
-    writer = DiagnosticWriter(str(tmp_path))
-    with _recording() as caught:
-        fit(model, writer)
-        writer.close()
-    _assert_no_tbdiag_fault(caught)
-    _assert_same_params(model, twin)
+    _train_watched_and_twin(tmp_path, model, twin, fit)
     run = _run(tmp_path)
     assert run.steps.tolist() == [0, 2, 4]
     _assert_finite(run)
