@@ -111,9 +111,8 @@ class Assembler:
                                                  *hist_meta[kind], [None] * len(key)))
             elif kind == "image":
                 record.images.append((f"images/{layer_names[key]}", value))
-        g_norm = self._parameter_rows(health, params, norms, nonfinite)
+        g_norm, has_g = self._parameter_rows(health, params, norms, nonfinite)
         if scalars:
-            has_g = np.isfinite(g_norm) | np.array([("g_norm", k) in nonfinite for k in range(n_params)], bool)
             if has_g.any():  # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ reports
                 record.scalars.append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[has_g] ** 2)))))
             record.scalars.extend((f"train/lr/group{gi}", lr) for gi, lr in enumerate(lrs))
@@ -129,8 +128,11 @@ class Assembler:
             health[row, col["saturated_frac"]] = value[0]
 
     def _parameter_rows(self, health: np.ndarray, params: ParamLayout, norms: dict[str, np.ndarray],
-                        nonfinite: Mapping[tuple[str, int], float]) -> np.ndarray:
-        """Per-parameter norms and NaN/Inf counts summed into their layers' rows; returns the gradient norms."""
+                        nonfinite: Mapping[tuple[str, int], float]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-parameter norms and NaN/Inf counts summed into their layers' rows.
+
+        Returns the per-parameter gradient norms and which parameters received a gradient.
+        """
         col = schema.COLUMN_INDEX
         n, n_params = health.shape[0], len(params.tags)
         w_norm, g_norm, u_norm = norms["w_norm"], norms["g_norm"], norms["u_norm"]
@@ -171,7 +173,7 @@ class Assembler:
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.where(denom > 0, num / denom, np.nan)
             health[has_u, col["update_ratio"]] = ratio[has_u]
-        return g_norm
+        return g_norm, has_g
 
     def dead_fractions(self, row: int, mask: np.ndarray) -> tuple[float, float]:
         """Units dead in this batch, and dead in this and the previous two logged batches (fractions)."""
