@@ -72,3 +72,16 @@ def test_per_rank_mode_writes_one_run_per_rank_with_local_statistics(runs):
     assert list(a.steps) == list(b.steps) == [0, 3, 6]
     assert not np.allclose(a.column("act_mean"), b.column("act_mean")), "each rank's own batch"
     np.testing.assert_allclose(a.column("grad_norm"), b.column("grad_norm"), rtol=1e-5)  # DDP-averaged
+
+
+def test_without_a_reachable_store_ranks_keep_their_own_numbers():
+    """No process group (so no store): the announcement says so once and never asks for a collective."""
+    import warnings
+
+    from tbdiag import distributed
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        announcement = distributed.Announcement(distributed.Rank(rank=0, world=2, per_rank=False))
+    assert any("cannot coordinate ranks" in str(w.message) for w in caught)
+    assert announcement.all_ranks_watch() is False
