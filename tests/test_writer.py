@@ -251,6 +251,15 @@ def test_watch_rejects_bad_arguments_with_a_clear_message(tmp_path):
         writer.watch(nn.Linear(2, 2), log_every=0)
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         writer.watch(nn.Linear(2, 2), optimizer=0.1)
+    with pytest.raises(ValueError, match="images_every must be"):
+        writer.watch(nn.Linear(2, 2), images_every=-1)
+    with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
+        writer.watch(nn.Linear(2, 2), grad_scaler=1024.0)
+    model = nn.Linear(2, 2)
+    for _ in range(2):  # a rejected watch leaves nothing on the model, and does not count as watching it
+        with pytest.raises(TypeError):
+            writer.watch(model, grad_scaler="scaler")
+    assert not model._forward_hooks and not model._forward_pre_hooks
     writer.watch(nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="one DiagnosticWriter"):
         writer.watch(nn.Linear(2, 2))
