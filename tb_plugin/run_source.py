@@ -65,7 +65,8 @@ class _RunEntry:
     """What is cached for one run: per-tag samples, the assembled RunData, findings."""
 
     tag_keys: dict[str, Hashable] = field(default_factory=dict)
-    tag_samples: dict[str, list[tuple[int, np.ndarray, Sequence[str]]]] = field(default_factory=dict)
+    # health tags: (step, array, columns) samples; model tags: (step, {statistic: value})
+    tag_samples: dict[str, list[tuple]] = field(default_factory=dict)
     table_key: Hashable = None
     table: schema.LayerTable | None = None
     loss_key: Hashable = None
@@ -166,6 +167,7 @@ class RunSource:
         health = {tag: ts for tag, ts in listing.items() if schema.is_health_tag(tag)}
         if not health:
             raise UnknownRunError(run)
+        chunks = {**health, **{tag: ts for tag, ts in listing.items() if schema.is_model_tag(tag)}}
         changed = False
 
         # the layer table: one tag, the latest value wins
@@ -178,9 +180,9 @@ class RunSource:
                 self._versions.check(run, entry.table.version)
             changed = True
 
-        # health chunks: read only the tags that are new or changed
-        stale = [tag for tag, ts in health.items() if entry.tag_keys.get(tag) != _series_key(ts)]
-        for gone in set(entry.tag_keys) - set(health):
+        # health and model chunks: read only the tags that are new or changed
+        stale = [tag for tag, ts in chunks.items() if entry.tag_keys.get(tag) != _series_key(ts)]
+        for gone in set(entry.tag_keys) - set(chunks):
             entry.tag_keys.pop(gone)
             entry.tag_samples.pop(gone, None)
             changed = True
@@ -193,12 +195,19 @@ class RunSource:
                 run_tag_filter=provider.RunTagFilter(runs=[run], tags=stale),
             ).get(run, {})
             for tag in stale:
-                columns = schema.columns_from_metadata(health[tag].plugin_content)
-                self._versions.check(run, schema.version_from_metadata(health[tag].plugin_content))
-                entry.tag_samples[tag] = [
-                    (int(d.step), np.asarray(d.numpy, dtype=np.float32), columns) for d in read.get(tag, [])
-                ]
-                entry.tag_keys[tag] = _series_key(health[tag])
+                content = chunks[tag].plugin_content
+                if schema.is_model_tag(tag):
+                    columns = schema.columns_from_metadata(content, schema.MODEL_COLUMNS)
+                    entry.tag_samples[tag] = [
+                        (int(d.step), schema.decode_model(d.numpy, columns)) for d in read.get(tag, [])
+                    ]
+                else:
+                    columns = schema.columns_from_metadata(content)
+                    self._versions.check(run, schema.version_from_metadata(content))
+                    entry.tag_samples[tag] = [
+                        (int(d.step), np.asarray(d.numpy, dtype=np.float32), columns) for d in read.get(tag, [])
+                    ]
+                entry.tag_keys[tag] = _series_key(chunks[tag])
             changed = True
 
         # loss scalars for the loss rules
@@ -214,14 +223,17 @@ class RunSource:
             changed = True
 
         if changed or entry.data is None:
-            samples = [s for tag in sorted(entry.tag_samples) for s in entry.tag_samples[tag]]
+            samples = [s for tag in sorted(entry.tag_samples) if schema.is_health_tag(tag)
+                       for s in entry.tag_samples[tag]]
+            model_samples = [s for tag in sorted(entry.tag_samples) if schema.is_model_tag(tag)
+                             for s in entry.tag_samples[tag]]
             table = entry.table
             if table is not None:  # from_samples may append placeholder rows: never touch the cached table
                 table = schema.LayerTable(
                     layers=list(table.layers), log_every=table.log_every, has_optimizer=table.has_optimizer,
                     columns=table.columns, extra=dict(table.extra), version=table.version,
                 )
-            entry.data = RunData.from_samples(run, table, samples, entry.losses)
+            entry.data = RunData.from_samples(run, table, samples, entry.losses, model_samples)
             entry.version += 1
             entry.findings.clear()
             entry.memo = {}

@@ -20,6 +20,7 @@ kind           key                  value
 ``g_hist``     parameter positions  concatenated histogram samples
 ``a_hist``     layer rows           concatenated histogram samples
 ``image``      layer row            ``[channels, h, w]`` feature maps in [0, 1]
+``model``      statistic name       one model-level value (`schema.MODEL_COLUMNS`)
 =============  ===================  =============================================
 """
 
@@ -49,6 +50,7 @@ class StepRecord:
     histogram_samples: list[tuple[list[str], np.ndarray, list[int], list[float], list[int | None]]] = \
         field(default_factory=list)
     images: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (tag, [channels, h, w] in [0, 1])
+    model: dict[str, float] = field(default_factory=dict)  # model-level statistics by name (schema.MODEL_COLUMNS)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class Assembler:
                                                  *hist_meta[kind], [None] * len(key)))
             elif kind == "image":
                 record.images.append((f"images/{layer_names[key]}", value))
+            elif kind == "model":
+                record.model[key] = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
         g_norm, has_g = self._parameter_rows(health, params, norms, nonfinite)
         if scalars:
             if has_g.any():  # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ reports

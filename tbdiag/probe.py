@@ -77,6 +77,14 @@ class StepProbe:
     act_seen: dict[int, tuple[str, torch.Tensor, int]] = field(default_factory=dict)  # row -> kind, value, numel
     images: dict[int, int] = field(default_factory=dict)  # layer row -> position of its feature maps in parts
     order_counter: int = 0
+    host_model: dict[str, float] = field(default_factory=dict)  # model-level values already known on the host
+
+    def add_model(self, name: str, value: "torch.Tensor | float") -> None:
+        """A model-level statistic (`schema.MODEL_COLUMNS`): a device scalar rides in the step's host transfer."""
+        if isinstance(value, torch.Tensor):
+            self.add("model", name, value.detach().reshape(-1)[:1].to(torch.float64))
+        else:
+            self.host_model[name] = float(value)
 
     def add(self, kind: str, key: Any, tensor: torch.Tensor, weight: Any = None) -> None:
         self.parts.append(tensor)

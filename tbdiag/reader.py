@@ -127,17 +127,19 @@ def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequ
         versions.check(run, table.version)
     if table is not None and loss_tags is None and table.extra.get("loss_tags") is not None:
         loss_tags = table.extra["loss_tags"]
-    samples = []
+    samples, model_samples = [], []
     for tag, content in diag_tags.items():
-        if not schema.is_health_tag(tag):
-            continue
-        columns = schema.columns_from_metadata(content)
-        versions.check(run, schema.version_from_metadata(content))
-        samples.extend((step, arr, columns) for step, arr in _tensors(mux, run, tag))
+        if schema.is_health_tag(tag):
+            columns = schema.columns_from_metadata(content)
+            versions.check(run, schema.version_from_metadata(content))
+            samples.extend((step, arr, columns) for step, arr in _tensors(mux, run, tag))
+        elif schema.is_model_tag(tag):
+            columns = schema.columns_from_metadata(content, schema.MODEL_COLUMNS)
+            model_samples.extend((step, schema.decode_model(arr, columns)) for step, arr in _tensors(mux, run, tag))
     losses = {}
     for tag in scalar_tags:
         if is_loss_tag(tag, loss_tags):
             pairs = [(step, float(np.asarray(v).reshape(-1)[0])) for step, v in _tensors(mux, run, tag)]
             losses[tag] = ([s for s, _ in pairs], [v for _, v in pairs])
-    return RunData.from_samples(run, table, samples, losses)
+    return RunData.from_samples(run, table, samples, losses, model_samples)
 

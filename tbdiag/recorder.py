@@ -87,6 +87,7 @@ class StepRecorder:
         record = self._assembler.assemble(
             probe.step, items, probe.hist_meta, ParamLayout.of(index), [layer.name for layer in self.layers],
             count_nonfinite(items, [p for _, p, _ in index]), lrs, self.scalars)
+        record.model.update(probe.host_model)
         if not self.table_written:
             self._write_table()
         self.writer.write_step(record)

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from . import schema
+from .evaluation import Evaluation
 
 #: Scalar tags treated as losses when the user does not name them: any tag
 #: with a path component containing "loss" (``loss``, ``train/loss``,
@@ -36,6 +37,10 @@ class RunData:
     steps: np.ndarray
     stats: np.ndarray
     losses: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: model-level statistic name -> ``(steps, values)`` at the logging steps that measured it
+    model: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: evaluation tag -> its `add_evaluation` calls in step order (`tbdiag.evaluation.group`)
+    evaluations: dict[str, list[Evaluation]] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> list[str]:
@@ -45,6 +50,10 @@ class RunData:
         """``[steps, layers]`` series of one statistic."""
         return self.stats[:, :, schema.COLUMN_INDEX[name]]
 
+    def model_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of one model-level statistic (`schema.MODEL_COLUMNS`); empty when never measured."""
+        return self.model.get(name, (np.zeros(0, dtype=np.int64), np.zeros(0)))
+
     @classmethod
     def from_samples(
         cls,
@@ -52,8 +61,10 @@ class RunData:
         table: schema.LayerTable | None,
         samples: Iterable[tuple[int, np.ndarray, Sequence[str]]],
         losses: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
+        model_samples: Iterable[tuple[int, Mapping[str, float]]] = (),
     ) -> "RunData":
-        """Assemble from ``(step, [layers, columns] array, column names)`` samples in any order.
+        """Assemble from ``(step, [layers, columns] array, column names)`` samples in any order
+        (and model-level ``(step, {name: value})`` samples).
 
         A step logged twice (a resumed run rewriting it) keeps the last sample
         seen.  Rows beyond the layer table (a table written before the layer
@@ -83,7 +94,19 @@ class RunData:
         for tag, (s, v) in list(loss_arrays.items()):
             order = np.argsort(s, kind="stable")
             loss_arrays[tag] = (s[order], v[order])
-        return cls(name=name, table=table, steps=steps, stats=stats, losses=loss_arrays)
+        model_by_step: dict[int, Mapping[str, float]] = {}
+        for step, values in model_samples:  # a step logged twice keeps the last sample, as above
+            model_by_step[int(step)] = values
+        model: dict[str, tuple[list[int], list[float]]] = {}
+        for step in sorted(model_by_step):
+            for key, value in model_by_step[step].items():
+                if value == value:  # NaN: not measured at this step
+                    model.setdefault(key, ([], []))
+                    model[key][0].append(step)
+                    model[key][1].append(float(value))
+        model_arrays = {key: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
+                        for key, (s, v) in model.items()}
+        return cls(name=name, table=table, steps=steps, stats=stats, losses=loss_arrays, model=model_arrays)
 
 
 def is_loss_tag(tag: str, loss_tags: Sequence[str] | None = None) -> bool:

@@ -23,7 +23,13 @@ Layout
     logging steps their own tag means nothing is ever sampled away, for runs of
     any length, under both loaders, with no flags.
 
-Both summaries carry ``plugin_name = "tbdiag"`` and ``DATA_CLASS_TENSOR``, since
+``tbdiag/model/<first step of the chunk>``
+    One float64 tensor ``[len(MODEL_COLUMNS)]`` per logging step: what is
+    measured for the model as a whole (`tbdiag.statistics.MODEL_STATISTICS`:
+    the NaN sentinel, mistakes in the training loop), chunked like the health
+    tags, its column names in the plugin content.
+
+All these summaries carry ``plugin_name = "tbdiag"`` and ``DATA_CLASS_TENSOR``, since
 TensorBoard's data provider hides third-party data left at DATA_CLASS_UNKNOWN.
 
 Versions
@@ -45,13 +51,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
-from .statistics import STATISTICS
+from .statistics import MODEL_STATISTICS, STATISTICS
 
 PLUGIN_NAME = "tbdiag"
 SCHEMA_VERSION = 1
 
 LAYERS_TAG = "tbdiag/layers"
 HEALTH_TAG_PREFIX = "tbdiag/health/"
+MODEL_TAG_PREFIX = "tbdiag/model/"
 STEPS_PER_TAG = 10
 
 #: Per-layer statistics, in the column order of every health tensor.  What
@@ -59,6 +66,9 @@ STEPS_PER_TAG = 10
 #: `tbdiag.statistics`; rules, report and tab refer to them by name.
 COLUMNS: tuple[str, ...] = tuple(s.name for s in STATISTICS)
 COLUMN_INDEX: dict[str, int] = {name: i for i, name in enumerate(COLUMNS)}
+
+#: Model-level statistics (`tbdiag.statistics.MODEL_STATISTICS`), in the order of every model tensor.
+MODEL_COLUMNS: tuple[str, ...] = tuple(s.name for s in MODEL_STATISTICS)
 
 #: Short human descriptions, shared by the report and the tab.
 COLUMN_LABELS: dict[str, str] = {s.name: s.label for s in STATISTICS}
@@ -71,6 +81,15 @@ def health_tag(first_step: int) -> str:
 
 def is_health_tag(tag: str) -> bool:
     return tag.startswith(HEALTH_TAG_PREFIX)
+
+
+def model_tag(first_step: int) -> str:
+    """Tag of the model-statistics chunk whose first logging step is ``first_step`` (chunked as health tags)."""
+    return f"{MODEL_TAG_PREFIX}{first_step:010d}"
+
+
+def is_model_tag(tag: str) -> bool:
+    return tag.startswith(MODEL_TAG_PREFIX)
 
 
 @dataclass
@@ -175,6 +194,7 @@ def health_metadata_content(columns: Sequence[str] = COLUMNS, version: int = SCH
 
 
 _HEALTH_METADATA_CONTENT = health_metadata_content()
+_MODEL_METADATA_CONTENT = health_metadata_content(MODEL_COLUMNS)
 
 
 def encode_layers(table: LayerTable) -> summary_pb2.Summary:
@@ -217,6 +237,33 @@ def encode_health(first_step: int, stats: np.ndarray, with_metadata: bool = True
     return summary_pb2.Summary(value=[value])
 
 
+def encode_model(first_step: int, values: Mapping[str, float], with_metadata: bool = True) -> summary_pb2.Summary:
+    """Summary holding one logging step's model-level statistics, ``float64 [len(MODEL_COLUMNS)]``.
+
+    Float64 because some are step numbers (exact beyond float32's 2**24).
+    Statistics not measured at this step are NaN.  Metadata as `encode_health`.
+    """
+    unknown = set(values) - set(MODEL_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown model statistics {sorted(unknown)}; known: {', '.join(MODEL_COLUMNS)}")
+    row = np.array([values.get(name, np.nan) for name in MODEL_COLUMNS], dtype="<f8")
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_DOUBLE,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=row.size)]),
+        tensor_content=row.tobytes(),
+    )
+    value = summary_pb2.Summary.Value(tag=model_tag(first_step), tensor=tensor)
+    if with_metadata:
+        value.metadata.CopyFrom(_metadata("tbdiag model-level statistics", _MODEL_METADATA_CONTENT))
+    return summary_pb2.Summary(value=[value])
+
+
+def decode_model(row: np.ndarray, columns: Sequence[str]) -> dict[str, float]:
+    """A model tensor's values by name, for the statistics this version knows."""
+    row = np.asarray(row, dtype=np.float64).reshape(-1)
+    return {name: float(row[j]) for j, name in enumerate(columns) if name in MODEL_COLUMNS and j < row.size}
+
+
 def decode_layers(value: np.ndarray | bytes | str) -> LayerTable:
     """Layer table from the ``tbdiag/layers`` tensor (as a numpy array or raw bytes).
 
@@ -243,14 +290,14 @@ def _metadata_object(content: bytes) -> Mapping[str, Any]:
     return obj if isinstance(obj, Mapping) else {}
 
 
-def columns_from_metadata(content: bytes) -> tuple[str, ...]:
-    """Column names recorded in a health tag's plugin content.
+def columns_from_metadata(content: bytes, default: tuple[str, ...] = COLUMNS) -> tuple[str, ...]:
+    """Column names recorded in a health (or model) tag's plugin content.
 
     Falls back to today's COLUMNS when the content is missing or garbled (not
     JSON, no ``columns`` list of names): the oldest files carry no content, and
     a garbled one is better read in the only order this version knows.
     """
-    return _column_names(_metadata_object(content).get("columns")) or COLUMNS
+    return _column_names(_metadata_object(content).get("columns")) or default
 
 
 def version_from_metadata(content: bytes) -> int | None:

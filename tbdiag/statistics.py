@@ -83,7 +83,31 @@ STATISTICS: tuple[Statistic, ...] = (
 )
 # fmt: on
 
+# fmt: off
+#: Model-level statistics: one value per logging step for the whole model (not per layer), stored in
+#: their own tensor (`tbdiag.schema.encode_model`) and read by the rules as series (`RunData.model`).
+#: Columns are read by name; new ones go at the end.
+MODEL_STATISTICS: tuple[Statistic, ...] = (
+    Statistic("nonfinite_step", "first training step (any step, not only logging steps) whose model output or "
+              "gradients held NaN/Inf, from the on-device sentinel; NaN while there was none",
+              "first non-finite step", "NaN step", "linear", "never"),
+    Statistic("nonfinite_layer", "layer row (model order) where the sentinel first saw NaN/Inf at that step; NaN "
+              "when it could not tell",
+              "first non-finite layer", "NaN layer", "linear", "never"),
+    Statistic("eval_mode_steps", "optimizer steps since the previous logging step taken while the model was in "
+              "eval() mode",
+              "optimizer steps in eval mode", "eval steps", "linear", "nonzero"),
+    Statistic("stale_gradients", "1 when the gradients were not cleared between the previous optimizer step and "
+              "this one (they accumulate across steps), 0 when they were; NaN when not checked",
+              "gradients not cleared", "stale grads", "linear", "nonzero"),
+    Statistic("softmax_output", "1 when the model's output rows are probability distributions (non-negative, "
+              "summing to 1) where a loss expects logits, 0 otherwise",
+              "output already softmaxed", "softmax out", "linear", "nonzero"),
+)
+# fmt: on
+
 BY_NAME: dict[str, Statistic] = {s.name: s for s in STATISTICS}
+MODEL_BY_NAME: dict[str, Statistic] = {s.name: s for s in MODEL_STATISTICS}
 
 #: The layer table's key columns, in the order it shows them.
 KEY_STATS: tuple[str, ...] = tuple(
@@ -119,6 +143,6 @@ def statistics_json() -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "Statistic", "STATISTICS", "BY_NAME", "KEY_STATS", "DEFAULT_HEATMAP", "SCALES", "CHARTS", "statistic",
+    "Statistic", "STATISTICS", "BY_NAME", "MODEL_STATISTICS", "MODEL_BY_NAME", "KEY_STATS", "DEFAULT_HEATMAP", "SCALES", "CHARTS", "statistic",
     "scale_of", "statistics_json",
 ]

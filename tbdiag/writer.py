@@ -66,6 +66,7 @@ class DiagnosticWriter(SummaryWriter):
         self._chunk_first: int | None = None
         self._chunk_count = 0
         self._health_tag_written: tuple[Any, int] | None = None
+        self._model_tag_written: tuple[Any, int] | None = None
 
     def _get_file_writer(self):
         """The event file writer, with TensorBoard's record writer swapped for one with a C CRC32C.
@@ -227,6 +228,10 @@ class DiagnosticWriter(SummaryWriter):
         self._health_tag_written = (file_writer, tag_step)
         step = record.step
         self._add(schema.encode_health(tag_step, record.health, with_metadata=first_of_tag), step)
+        if record.model:
+            model_first = first_of_tag or self._model_tag_written != (file_writer, tag_step)
+            self._model_tag_written = (file_writer, tag_step)
+            self._add(schema.encode_model(tag_step, record.model, with_metadata=model_first), step)
         for tag, value in record.scalars:
             self.add_scalar(tag, value, step)
         # every histogram of the step in one Summary: one event and one record instead of one per tensor

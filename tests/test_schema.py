@@ -334,3 +334,41 @@ def test_version_check_stays_quiet_for_this_version_and_unknown_ones():
         check.check("run", NEWER)
         check.check("run", NEWER + 1)  # a different newer version is worth saying again
     assert len(_newer_warnings(caught)) == 2
+
+
+def test_model_statistics_round_trip_through_both_readers(tmp_path):
+    """Model-level values written by the DiagnosticWriter (two chunks, NaN where unmeasured, a step number
+    beyond float32's exact range) read back by name through the report's reader and the plugin's source."""
+    from tensorboard import context
+
+    from tb_plugin.run_source import RunSource
+    from tbdiag import DiagnosticWriter
+    from tbdiag.assembly import StepRecord
+
+    logdir = str(tmp_path)
+    writer = DiagnosticWriter(os.path.join(logdir, "run"))
+    writer.write_layer_table(_table())
+    steps = list(range(0, 120, 10))  # 12 logging steps: two chunks
+    big = 2**25 + 1  # not exact in float32
+    for step in steps:
+        model = {"eval_mode_steps": float(step // 10), "nonfinite_step": float(big) if step >= 60 else float("nan")}
+        writer.write_step(StepRecord(step, _stats(step), model=model))
+    writer.close()
+
+    (run,) = load_logdir(logdir)
+    s, v = run.model_series("eval_mode_steps")
+    assert s.tolist() == steps and v.tolist() == [float(x // 10) for x in steps]
+    s, v = run.model_series("nonfinite_step")
+    assert s.tolist() == steps[6:] and set(v.tolist()) == {float(big)}, "NaN means unmeasured; steps stay exact"
+    assert run.model_series("softmax_output")[0].size == 0
+
+    _, ingester = h.wsgi_app(logdir)
+    view = RunSource(ingester.data_provider).view(context.RequestContext(), "", "run")
+    for name in ("eval_mode_steps", "nonfinite_step"):
+        for got, want in zip(view.data.model_series(name), run.model_series(name)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_encode_model_rejects_an_unknown_statistic():
+    with pytest.raises(ValueError, match="unknown model statistics.*known: nonfinite_step"):
+        schema.encode_model(0, {"typo": 1.0})
