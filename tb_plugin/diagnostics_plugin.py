@@ -27,7 +27,9 @@ from werkzeug import wrappers
 from tbdiag import rules, schema
 
 from . import payloads, query
+from .evaluation_payload import evaluation_payload
 from .run_source import RunSource, UnknownRunError, thresholds_key
+from .throughput_payload import throughput_payload
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "/layers": self.layers_route,
             "/series": self.series_route,
             "/heatmap": self.heatmap_route,
+            "/throughput": self.throughput_route,
+            "/evaluation": self.evaluation_route,
         }
 
     def is_active(self) -> bool:
@@ -189,3 +193,17 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
                 view.memo.pop(old, None)  # bound memory: a few MB per cached response
             view.memo[key] = GzippedJSON.encode(payloads.heatmap_payload(view, stat))
         return view.memo[key]
+
+    @_json_route
+    def evaluation_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        run = query.required(args, "run")
+        thresholds = query.thresholds(args)
+        view = self._source.view(ctx, experiment, run, thresholds)
+        return evaluation_payload(view, rules.resolve(thresholds))
+
+    @_json_route
+    def throughput_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        run = query.required(args, "run")
+        thresholds = query.thresholds(args)
+        view = self._source.view(ctx, experiment, run, thresholds)
+        return throughput_payload(view, rules.resolve(thresholds))

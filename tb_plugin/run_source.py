@@ -17,6 +17,7 @@ changed.  Findings are cached per threshold setting on top of that.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,12 @@ from typing import Any
 import numpy as np
 from tensorboard.data import provider
 
-from tbdiag import checks, rules, schema
+from tbdiag import checks, evaluation, rules, schema
+from tbdiag.evaluation import Evaluation
 from tbdiag.rundata import RunData, is_loss_tag
+from tbdiag.throughput_checks import is_perf_tag
+
+logger = logging.getLogger(__name__)
 
 #: Scalars (the loss curves the loss rules read) live under TensorBoard's own
 #: scalars plugin.
@@ -75,6 +80,8 @@ class _RunEntry:
     version: int = 0
     findings: dict[Hashable, list[rules.Finding]] = field(default_factory=dict)
     memo: dict[Hashable, Any] = field(default_factory=dict)
+    eval_keys: dict[str, Hashable] = field(default_factory=dict)  # evaluation tags, keyed as tag_keys
+    evals: dict[str, list[Evaluation]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -108,12 +115,14 @@ class RunSource:
         out = {}
         for run, tags in listing.items():
             health = [ts for tag, ts in tags.items() if schema.is_health_tag(tag)]
-            if not health:
+            evals = [ts for tag, ts in tags.items() if evaluation.is_eval_tag(tag)]
+            if not health and not evals:
                 continue
             out[run] = {
-                "last_step": max(ts.max_step for ts in health),
-                "last_wall_time": max(ts.max_wall_time for ts in health),
+                "last_step": max(ts.max_step for ts in health + evals),
+                "last_wall_time": max(ts.max_wall_time for ts in health + evals),
                 "chunks": len(health),
+                "evaluations": len(evals),
             }
         return out
 
@@ -165,7 +174,8 @@ class RunSource:
             ctx, experiment_id=experiment, plugin_name=schema.PLUGIN_NAME, run_tag_filter=only_run
         ).get(run, {})
         health = {tag: ts for tag, ts in listing.items() if schema.is_health_tag(tag)}
-        if not health:
+        evals = {tag: ts for tag, ts in listing.items() if evaluation.is_eval_tag(tag)}
+        if not health and not evals:
             raise UnknownRunError(run)
         chunks = {**health, **{tag: ts for tag, ts in listing.items() if schema.is_model_tag(tag)}}
         changed = False
@@ -210,17 +220,19 @@ class RunSource:
                 entry.tag_keys[tag] = _series_key(chunks[tag])
             changed = True
 
-        # loss scalars for the loss rules
+        # loss scalars for the loss rules, and tbdiag's perf/* scalars (the input_bound rule) read with them
         loss_tags = entry.table.extra.get("loss_tags") if entry.table is not None else None
         scalars = self._provider.list_scalars(
             ctx, experiment_id=experiment, plugin_name=SCALARS_PLUGIN, run_tag_filter=only_run
         ).get(run, {})
-        losses = {tag: ts for tag, ts in scalars.items() if is_loss_tag(tag, loss_tags)}
+        losses = {tag: ts for tag, ts in scalars.items() if is_loss_tag(tag, loss_tags) or is_perf_tag(tag)}
         loss_key = tuple(sorted((tag, _series_key(ts)) for tag, ts in losses.items()))
         if loss_key != entry.loss_key:
             entry.losses = self._read_losses(ctx, experiment, run, list(losses))
             entry.loss_key = loss_key
             changed = True
+
+        changed |= self._refresh_evaluations(ctx, experiment, run, evals, entry)
 
         if changed or entry.data is None:
             samples = [s for tag in sorted(entry.tag_samples) if schema.is_health_tag(tag)
@@ -233,10 +245,40 @@ class RunSource:
                     layers=list(table.layers), log_every=table.log_every, has_optimizer=table.has_optimizer,
                     columns=table.columns, extra=dict(table.extra), version=table.version,
                 )
-            entry.data = RunData.from_samples(run, table, samples, entry.losses, model_samples)
+            read = entry.losses.items()
+            entry.data = RunData.from_samples(run, table, samples, {t: v for t, v in read if not is_perf_tag(t)},
+                                              model_samples, perf={t: v for t, v in read if is_perf_tag(t)})
+            entry.data.evaluations = evaluation.group(e for tag in sorted(entry.evals) for e in entry.evals[tag])
             entry.version += 1
             entry.findings.clear()
             entry.memo = {}
+
+    def _refresh_evaluations(self, ctx: Any, experiment: str, run: str, listing: Mapping[str, Any],
+                             entry: _RunEntry) -> bool:
+        """Read the evaluation tags that are new or changed (one per `add_evaluation` call); whether any was."""
+        stale = [tag for tag, ts in listing.items() if entry.eval_keys.get(tag) != _series_key(ts)]
+        gone = set(entry.eval_keys) - set(listing)
+        for tag in gone:
+            entry.eval_keys.pop(tag)
+            entry.evals.pop(tag, None)
+        if stale:
+            read = self._provider.read_tensors(
+                ctx,
+                experiment_id=experiment,
+                plugin_name=schema.PLUGIN_NAME,
+                downsample=READ_ALL,
+                run_tag_filter=provider.RunTagFilter(runs=[run], tags=stale),
+            ).get(run, {})
+            for tag in stale:
+                found = []
+                for d in read.get(tag, []):
+                    try:
+                        found.append(evaluation.decode(tag, listing[tag].plugin_content, int(d.step), d.numpy))
+                    except ValueError as e:
+                        logger.warning("tbdiag: skipped an evaluation of %s: %s", run, e)
+                entry.evals[tag] = found
+                entry.eval_keys[tag] = _series_key(listing[tag])
+        return bool(stale or gone)
 
     def _read_table(self, ctx: Any, experiment: str, run: str) -> schema.LayerTable | None:
         read = self._provider.read_tensors(

@@ -13,12 +13,13 @@ first use of `DiagnosticWriter`.
 from typing import TYPE_CHECKING, Any
 
 from .report import report
+from .live import TrainingHealthError
 from .rules import RULES, Finding
 
 if TYPE_CHECKING:  # pragma: no cover
     from .writer import DiagnosticWriter
 
-__all__ = ["DiagnosticWriter", "Finding", "RULES", "report"]
+__all__ = ["DiagnosticWriter", "Finding", "RULES", "TrainingHealthError", "report"]
 __version__ = "0.1.0"
 
 

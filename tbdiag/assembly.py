@@ -16,9 +16,10 @@ kind           key                  value
 ``w_norm``     None (all params)    per-parameter weight norms
 ``g_norm``     parameter positions  per-parameter gradient norms
 ``u_norm``     parameter positions  per-parameter update norms
-``p_hist``     parameter positions  concatenated histogram samples
-``g_hist``     parameter positions  concatenated histogram samples
-``a_hist``     layer rows           concatenated histogram samples
+``p_hist``     parameter positions  concatenated histogram samples (CPU), or
+                                    ``[tensors, 2 + bins]`` binned rows (accelerators)
+``g_hist``     parameter positions  the same, of the gradients
+``a_hist``     layer rows           the same, of the layer outputs
 ``image``      layer row            ``[channels, h, w]`` feature maps in [0, 1]
 ``model``      statistic name       one model-level value (`schema.MODEL_COLUMNS`)
 =============  ===================  =============================================
@@ -49,6 +50,8 @@ class StepRecord:
     # (tags, samples, sample lengths, numel / length, numels): binned on the writer thread
     histogram_samples: list[tuple[list[str], np.ndarray, list[int], list[float], list[int | None]]] = \
         field(default_factory=list)
+    # (tags, [tensors, 3 + bins] rows of min, max, scale, counts, numels): binned on the device already
+    histogram_rows: list[tuple[list[str], np.ndarray, list[int | None]]] = field(default_factory=list)
     images: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (tag, [channels, h, w] in [0, 1])
     model: dict[str, float] = field(default_factory=dict)  # model-level statistics by name (schema.MODEL_COLUMNS)
 
@@ -104,13 +107,18 @@ class Assembler:
                 norms[kind][slice(None) if key is None else key] = value
             elif kind in ("act", "dead", "sat"):
                 self._layer_item(health, kind, key, value)
-            elif kind in ("p_hist", "g_hist"):
-                prefix = "params/" if kind == "p_hist" else "grads/"
-                record.histogram_samples.append(([prefix + params.tags[k] for k in key], value,
-                                                 *hist_meta[kind], [int(params.numels[k]) for k in key]))
-            elif kind == "a_hist":
-                record.histogram_samples.append(([f"activations/{layer_names[i]}" for i in key], value,
-                                                 *hist_meta[kind], [None] * len(key)))
+            elif kind in ("p_hist", "g_hist", "a_hist"):
+                if kind == "a_hist":
+                    tags, numels = [f"activations/{layer_names[i]}" for i in key], [None] * len(key)
+                else:
+                    prefix = "params/" if kind == "p_hist" else "grads/"
+                    tags, numels = [prefix + params.tags[k] for k in key], [int(params.numels[k]) for k in key]
+                lengths, scales = hist_meta[kind]
+                if value.ndim == 2:  # binned on the device: [tensors, 2 + bins]; the scale column goes in
+                    rows = np.insert(np.asarray(value, dtype=np.float32), 2, np.asarray(scales, np.float32), axis=1)
+                    record.histogram_rows.append((tags, rows, numels))
+                else:
+                    record.histogram_samples.append((tags, value, lengths, scales, numels))
             elif kind == "image":
                 record.images.append((f"images/{layer_names[key]}", value))
             elif kind == "model":

@@ -10,42 +10,13 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import evaluation_checks, loop_checks, loss_checks, nonfinite_checks, throughput_checks, update_checks
 from .rules import RULES_BY_NAME, SEVERITY_RANK, Finding, Rule, resolve
 from .rundata import RunData
+from .series import persistent, streaks
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-def streaks(mask: np.ndarray) -> list[tuple[int, int]]:
-    """Half-open index ranges ``[start, end)`` of consecutive True values."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.size == 0:
-        return []
-    padded = np.concatenate([[False], mask, [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
-
-
-def persistent(mask: np.ndarray, valid: np.ndarray, persistence: int) -> list[tuple[int, int]]:
-    """Streaks long enough to count.
-
-    A run shorter than the persistence counts when every valid step agrees,
-    so a short run that is sick from start to end is still diagnosed.
-    """
-    need = max(1, min(persistence, int(np.count_nonzero(valid))))
-    return [(a, b) for a, b in streaks(mask) if b - a >= need]
-
-
-def rolling_median(values: np.ndarray, window: int = 5) -> np.ndarray:
-    """Trailing rolling median that ignores NaN (robust to single noisy batches)."""
-    values = np.asarray(values, dtype=np.float64)
-    out = np.empty_like(values)
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        chunk = chunk[np.isfinite(chunk)]
-        out[i] = np.median(chunk) if chunk.size else np.nan
-    return out
 
 
 def _pct(x: float) -> str:
@@ -131,16 +102,21 @@ def _dead_relu(run: RunData, rule: Rule) -> list[Finding]:
 
 def _vanishing(run: RunData, rule: Rule) -> list[Finding]:
     rms = run.column("grad_rms").astype(np.float64)
+    if rms.size == 0:  # no layer measured: a run with only evaluations or losses
+        return []
     finite = np.where(np.isfinite(rms), rms, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"), _all_nan_ok():
         top = np.nanmax(finite, axis=1, keepdims=True)
         ratio = finite / top
         mask = (ratio < rule.threshold) | (finite < rule.params["absolute"])
     mask &= np.isfinite(finite)
+    mask &= ~update_checks.learns_by_update(run, rule)  # Adam & co. move a layer whatever its gradient's size
     return _per_layer(
         run, rule, rms, mask,
         lambda name, v, since: f"{name}: gradient RMS {v:.2e} is below {rule.threshold:g}x the largest layer's "
-        f"(or below {rule.params['absolute']:g}) since step {since}; this layer barely learns",
+        f"(or below {rule.params['absolute']:g}) since step {since}; this layer barely learns"
+        + (f" (its update/weight ratio is also below {rule.params['update']:g})"
+           if update_checks.is_adaptive(update_checks.optimizer_of(run)) else ""),
         rule.threshold,
     )
 
@@ -168,49 +144,6 @@ def _saturated(run: RunData, rule: Rule) -> list[Finding]:
     return _per_layer(run, rule, sat, mask, describe, rule.threshold)
 
 
-def _nonfinite(run: RunData, rule: Rule) -> list[Finding]:
-    counts = {
-        "activations": run.column("act_nonfinite"),
-        "weights": run.column("weight_nonfinite"),
-        "gradients": run.column("grad_nonfinite"),
-    }
-    with np.errstate(invalid="ignore"):
-        bad = {k: np.nan_to_num(v, nan=0.0) > rule.threshold for k, v in counts.items()}
-    anybad = bad["activations"] | bad["weights"] | bad["gradients"]
-    steps_bad = np.flatnonzero(anybad.any(axis=1))
-    if steps_bad.size == 0:
-        return []
-    t0 = int(steps_bad[0])
-    # Localise: in the forward pass the first layer (model order) with NaN/Inf
-    # output is where it appeared; failing that, the first NaN weights; NaN
-    # gradients spread backwards from the loss, so the *last* such layer is
-    # closest to the origin.
-    where, layer = None, None
-    for kind in ("activations", "weights"):
-        idx = np.flatnonzero(bad[kind][t0])
-        if idx.size:
-            where, layer = kind, int(idx[0])
-            break
-    if layer is None:
-        idx = np.flatnonzero(bad["gradients"][t0])
-        where, layer = "gradients", int(idx[-1])
-    n_layers = int(np.count_nonzero(anybad[t0]))
-    count = float(counts[where][t0, layer])
-    name = run.table.layers[layer].name
-    last = int(steps_bad[-1])
-    return [
-        Finding(
-            run=run.name, layer=name, issue=rule.name, severity=rule.severity,
-            first_step=int(run.steps[t0]), last_step=int(run.steps[last]), value=count,
-            message=f"{name}: first NaN/Inf at step {int(run.steps[t0])}, in its {where} ({int(count)} elements); "
-                    f"{n_layers} layer(s) affected at that step",
-            threshold=rule.threshold, statistic=rule.statistic, advice=rule.advice,
-            ongoing=last == len(run.steps) - 1,
-            spans=tuple((int(run.steps[a]), int(run.steps[b - 1])) for a, b in streaks(anybad.any(axis=1))),
-        )
-    ]
-
-
 def _frozen(run: RunData, rule: Rule) -> list[Finding]:
     changed = run.column("changed")
     grads = run.column("grad_params")
@@ -235,75 +168,27 @@ def _frozen(run: RunData, rule: Rule) -> list[Finding]:
     return out
 
 
-def _loss_series(run: RunData) -> Iterable[tuple[str, np.ndarray, np.ndarray]]:
-    for tag, (steps, values) in sorted(run.losses.items()):
-        if len(values):
-            yield tag, steps, values
-
-
-def _loss_divergence(run: RunData, rule: Rule) -> list[Finding]:
-    out = []
-    for tag, steps, values in _loss_series(run):
-        nonfinite = np.flatnonzero(~np.isfinite(values))
-        if nonfinite.size:
-            i = int(nonfinite[0])
-            out.append(Finding(
-                run=run.name, layer=None, issue=rule.name, severity=rule.severity,
-                first_step=int(steps[i]), last_step=int(steps[-1]), value=float(values[i]),
-                message=f"loss '{tag}' became {values[i]} at step {int(steps[i])}",
-                threshold=rule.threshold, statistic=rule.statistic, advice=rule.advice, ongoing=True,
-            ))
-            continue
-        smooth = rolling_median(values)
-        start = smooth[min(len(smooth) - 1, 4)]  # the first full window
-        if not np.isfinite(start):
-            continue
-        limit = start + rule.threshold * abs(start)
-        mask = smooth > limit
-        spans = persistent(mask, np.isfinite(smooth), rule.persistence) if len(values) >= rule.persistence else []
-        if spans:
-            a, b = spans[0][0], spans[-1][1] - 1
-            out.append(Finding(
-                run=run.name, layer=None, issue=rule.name, severity=rule.severity,
-                first_step=int(steps[a]), last_step=int(steps[b]), value=float(smooth[b]),
-                message=f"loss '{tag}' rose to {smooth[b]:.4g}, above its starting {start:.4g} by more than "
-                        f"{_pct(rule.threshold)}, from step {int(steps[a])}",
-                threshold=rule.threshold, statistic=rule.statistic, advice=rule.advice,
-                ongoing=b == len(values) - 1,
-            ))
-    return out
-
-
-def _loss_plateau(run: RunData, rule: Rule) -> list[Finding]:
-    out = []
-    for tag, steps, values in _loss_series(run):
-        if len(values) < rule.persistence or not np.isfinite(values).all():
-            continue
-        smooth = rolling_median(values)
-        start = smooth[min(len(smooth) - 1, 4)]
-        best = float(np.min(smooth[5:])) if len(smooth) > 5 else float(np.min(smooth))
-        scale = abs(start) if start != 0 else 1.0
-        improvement = (start - best) / scale
-        if improvement < rule.threshold:
-            out.append(Finding(
-                run=run.name, layer=None, issue=rule.name, severity=rule.severity,
-                first_step=int(steps[0]), last_step=int(steps[-1]), value=float(improvement),
-                message=f"loss '{tag}' has not improved by {_pct(rule.threshold)} over {len(values)} values "
-                        f"(best {best:.4g} vs starting {start:.4g})",
-                threshold=rule.threshold, statistic=rule.statistic, advice=rule.advice, ongoing=True,
-            ))
-    return out
-
-
 _EVALUATORS = {
     "dead_relu": _dead_relu,
     "vanishing_gradient": _vanishing,
     "exploding_gradient": _exploding,
     "saturated_activation": _saturated,
-    "nonfinite": _nonfinite,
+    "nonfinite": nonfinite_checks.check_nonfinite,
     "frozen_layer": _frozen,
-    "loss_divergence": _loss_divergence,
-    "loss_plateau": _loss_plateau,
+    "no_gradient": loop_checks.no_gradient,
+    "eval_mode_training": loop_checks.eval_mode_training,
+    "stale_gradients": loop_checks.stale_gradients,
+    "softmax_output": loop_checks.softmax_output,
+    "loss_divergence": loss_checks.loss_divergence,
+    "loss_plateau": loss_checks.loss_plateau,
+    "loss_spike": loss_checks.loss_spike,
+    "loss_oscillation": loss_checks.loss_oscillation,
+    "overfitting": loss_checks.overfitting,
+    "update_too_large": update_checks.update_too_large,
+    "update_too_small": update_checks.update_too_small,
+    "prediction_collapse": evaluation_checks.prediction_collapse,
+    "neglected_class": evaluation_checks.neglected_class,
+    "input_bound": throughput_checks.input_bound,
 }
 assert set(_EVALUATORS) == set(RULES_BY_NAME), "every rule in the table needs an evaluator"
 
@@ -372,6 +257,9 @@ def evaluate(
             continue
         findings.extend(_EVALUATORS[name](run, rule))
     _explain(findings, run)
+    update_checks.explain(findings, run)
+    loss_checks.explain(findings, run)
+    evaluation_checks.explain(findings, run)
     order = {name: i for i, name in enumerate(run.layer_names)}
     findings.sort(key=lambda f: (-SEVERITY_RANK[f.severity], f.first_step, order.get(f.layer or "", -1), f.issue))
     return findings

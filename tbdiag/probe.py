@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -77,14 +77,31 @@ class StepProbe:
     act_seen: dict[int, tuple[str, torch.Tensor, int]] = field(default_factory=dict)  # row -> kind, value, numel
     images: dict[int, int] = field(default_factory=dict)  # layer row -> position of its feature maps in parts
     order_counter: int = 0
-    host_model: dict[str, float] = field(default_factory=dict)  # model-level values already known on the host
+    # model-level values known on the host: a number, or a callable read once the step's layer rows are final
+    host_model: dict[str, Any] = field(default_factory=dict)
+    model_offsets: dict[str, float] = field(default_factory=dict)  # added on the host to transferred values
 
-    def add_model(self, name: str, value: "torch.Tensor | float") -> None:
-        """A model-level statistic (`schema.MODEL_COLUMNS`): a device scalar rides in the step's host transfer."""
+    def add_model(self, name: str, value: "torch.Tensor | float | Callable[[], float]", offset: float = 0.0) -> None:
+        """A model-level statistic (`schema.MODEL_COLUMNS`): a device scalar rides in the step's host transfer.
+
+        The transfer is float32: send small numbers (a step as an offset from
+        this step) and the ``offset`` is added back on the host.  A callable is
+        evaluated on the host after the rows are put in model order (a layer row).
+        """
         if isinstance(value, torch.Tensor):
             self.add("model", name, value.detach().reshape(-1)[:1].to(torch.float64))
+            if offset:
+                self.model_offsets[name] = offset
         else:
-            self.host_model[name] = float(value)
+            self.host_model[name] = value if callable(value) else float(value)
+
+    def finish_model(self, model: dict[str, float]) -> None:
+        """Complete a record's transferred model-level values on the host: offsets added, host values set."""
+        for name, offset in self.model_offsets.items():
+            if name in model:
+                model[name] += offset
+        for name, value in self.host_model.items():
+            model[name] = float(value() if callable(value) else value)
 
     def add(self, kind: str, key: Any, tensor: torch.Tensor, weight: Any = None) -> None:
         self.parts.append(tensor)
@@ -158,19 +175,24 @@ class StepProbe:
             positions, before = update
             torch._foreach_sub_(before, [params[k].detach() for k in positions])
             self.add("u_norm", positions, stats.norms(before))
-        if self.options.param_histograms:  # only (sampled) values go to the host; binned on the writer thread
+        if self.options.param_histograms:
             for kind, tensors, keys in (("p_hist", params, list(range(len(params)))), ("g_hist", grads, with_grad)):
                 if tensors:
                     flat, lengths, scales = stats.histogram_samples(tensors)
                     if kind == "g_hist" and unscale is not None:
                         flat = flat / unscale
-                    self.add(kind, keys, flat)
-                    self.hist_meta[kind] = (lengths, scales)
+                    self._add_histograms(kind, keys, flat, lengths, scales)
         act_src = [(key, t) for (kind, key), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
         if act_src:
             flat, lengths, scales = stats.histogram_samples([t for _, t in act_src], sampled=True)
-            self.add("a_hist", [key for key, _ in act_src], flat)
-            self.hist_meta["a_hist"] = (lengths, scales)
+            self._add_histograms("a_hist", [key for key, _ in act_src], flat, lengths, scales)
+
+    def _add_histograms(self, kind: str, keys: list, flat: torch.Tensor, lengths: list[int],
+                        scales: list[float]) -> None:
+        """Histogram samples of many tensors: binned on an accelerator (a few hundred bytes per tensor go to
+        the host), or shipped as they are from a CPU, where the writer thread bins them (`tbdiag.stats`)."""
+        self.add(kind, keys, flat if flat.device.type == "cpu" else stats.device_histograms(flat, lengths))
+        self.hist_meta[kind] = (lengths, scales)
 
     def pool_across_ranks(self, world: int, sharded: list[bool]) -> None:
         """Replace this rank's statistics by the whole job's, in one all_reduce (see `tbdiag.distributed`)."""

@@ -17,8 +17,9 @@ from tensorboard.backend.event_processing import plugin_event_accumulator as pea
 from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
 from tensorboard.util import tensor_util
 
-from . import schema
+from . import evaluation, schema
 from .rundata import RunData, is_loss_tag
+from .throughput_checks import is_perf_tag
 
 
 class NoDataError(Exception):
@@ -136,10 +137,27 @@ def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequ
         elif schema.is_model_tag(tag):
             columns = schema.columns_from_metadata(content, schema.MODEL_COLUMNS)
             model_samples.extend((step, schema.decode_model(arr, columns)) for step, arr in _tensors(mux, run, tag))
-    losses = {}
+    losses, perf = {}, {}
     for tag in scalar_tags:
-        if is_loss_tag(tag, loss_tags):
+        into = perf if is_perf_tag(tag) else losses if is_loss_tag(tag, loss_tags) else None
+        if into is not None:
             pairs = [(step, float(np.asarray(v).reshape(-1)[0])) for step, v in _tensors(mux, run, tag)]
-            losses[tag] = ([s for s, _ in pairs], [v for _, v in pairs])
-    return RunData.from_samples(run, table, samples, losses, model_samples)
+            into[tag] = ([s for s, _ in pairs], [v for _, v in pairs])
+    data = RunData.from_samples(run, table, samples, losses, model_samples, perf=perf)
+    data.evaluations = _evaluations(mux, run, diag_tags)
+    return data
+
+
+def _evaluations(mux, run: str, diag_tags: dict) -> dict[str, list[evaluation.Evaluation]]:
+    """The run's `add_evaluation` calls by tag (an unreadable one is skipped with a warning)."""
+    found = []
+    for tag, content in diag_tags.items():
+        if not evaluation.is_eval_tag(tag):
+            continue
+        for step, arr in _tensors(mux, run, tag):
+            try:
+                found.append(evaluation.decode(tag, content, step, arr))
+            except ValueError as e:
+                warnings.warn(f"tbdiag: skipped an evaluation of {run}: {e}", RuntimeWarning, stacklevel=2)
+    return evaluation.group(found)
 

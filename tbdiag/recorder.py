@@ -9,13 +9,14 @@ its numbers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, layers, schema
-from .assembly import Assembler, ParamLayout, remap_rows
+from . import distributed, layers, run_facts, schema
+from .assembly import Assembler, ParamLayout, StepRecord, remap_rows
 from .probe import StepProbe, WeightCopies, count_nonfinite, grad_scale, local, no_autocast
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,6 +33,8 @@ class StepRecorder:
         self.grad_scaler, self.scalars, self.loss_tags = grad_scaler, scalars, loss_tags
         self.layers: list[layers.Layer] = []
         self.table_written = False
+        self._table_provisional = False  # a layer table in discovery order went out before any measured step
+        self.output_width: int | None = None  # the model's class dimension, seen at the first logging forward
         self.rank = writer.rank  # None outside torch.distributed
         self._warn_once = warn_once
         self._params: list[tuple[int, nn.Parameter, str]] | None = None  # (row, parameter, tag), once not lazy
@@ -68,8 +71,12 @@ class StepRecorder:
             unscale = grad_scale(self.grad_scaler, grads[0].device) if not update and grads else None
             probe.collect_params(params, grads, with_grad, taken if update else None, unscale)
 
-    def finish(self, probe: StepProbe) -> None:
-        """Pool across ranks if due, one host transfer, assemble, and hand the record to the writer."""
+    def finish(self, probe: StepProbe, after_sync: Callable[[], list[tuple[str, float]]] | None = None) -> None:
+        """Pool across ranks if due, one host transfer, assemble, and hand the record to the writer.
+
+        ``after_sync`` runs right after the host transfer (the device has finished the step's work) and
+        returns scalars to write with the record (the step timer's ``perf/*``).
+        """
         for row, kind in probe.flush_activations().items():
             if not self.table_written and not self.layers[row].info.activation:
                 self.layers[row].info.activation = kind
@@ -81,16 +88,37 @@ class StepRecorder:
         if self.rank is not None and not self.rank.writes:
             return
         items, index = probe.to_host(), self.param_index()
+        extra = after_sync() if after_sync is not None else []
         if not self.table_written:
             items, index = self._fix_order(items, index)
         lrs = [float(g.get("lr", float("nan"))) for g in self.optimizer.param_groups] if self.optimizer else []
         record = self._assembler.assemble(
             probe.step, items, probe.hist_meta, ParamLayout.of(index), [layer.name for layer in self.layers],
             count_nonfinite(items, [p for _, p, _ in index]), lrs, self.scalars)
-        record.model.update(probe.host_model)
+        probe.finish_model(record.model)
+        record.scalars.extend(extra)
         if not self.table_written:
             self._write_table()
         self.writer.write_step(record)
+
+    def finish_model_only(self, step: int, values: Mapping[str, Any]) -> None:
+        """A logging step with model-level statistics but no measured training forward (eval mode).
+
+        Written with an all-NaN health row ("not measured") so every reader
+        lists the step.  Before the first measured step the layer table goes
+        out provisionally (discovery order, no shapes); the first measured
+        step writes it again in first-forward order, and readers take the
+        latest.  Device values are read here: a logging step, nothing else
+        to transfer.
+        """
+        if self.rank is not None and not self.rank.writes:
+            return
+        if not self.table_written and not self._table_provisional:
+            self._write_table(final=False)
+        model = {name: float(v) for name, v in values.items()
+                 if not (isinstance(v, torch.Tensor) and v.is_meta)}  # meta tensors carry no value
+        health = np.full((len(self.layers), len(schema.COLUMNS)), np.nan, dtype=np.float32)
+        self.writer.write_step(StepRecord(step, health, model=model))
 
     def _pools(self) -> bool:
         if self._announcement is None:
@@ -114,13 +142,15 @@ class StepRecorder:
         self._assembler.remap_rows(old_to_new)
         return remap_rows(items, old_to_new), index
 
-    def _write_table(self) -> None:
-        """Write the layer table (rows in model order) and the model summary, once."""
-        self.table_written = True
+    def _write_table(self, final: bool = True) -> None:
+        """Write the layer table (rows in model order) and the model summary, once (and once provisionally)."""
+        self.table_written = self.table_written or final
+        self._table_provisional = self._table_provisional or not final
         layers.count_params(self.layers)
         self.writer.write_layer_table(schema.LayerTable(
             layers=[layer.info for layer in self.layers],
             log_every=self.log_every,
             has_optimizer=self.optimizer is not None,
-            extra={"loss_tags": list(self.loss_tags)} if self.loss_tags is not None else {},
+            extra={**({"loss_tags": list(self.loss_tags)} if self.loss_tags is not None else {}),
+                   **run_facts.facts(self.optimizer, self.output_width)},
         ))

@@ -22,6 +22,13 @@ from .evaluation import Evaluation
 #: ``Loss/train``, ``val_loss``).
 DEFAULT_LOSS_PATTERN = re.compile(r"(^|/)[^/]*loss[^/]*($|/)", re.IGNORECASE)
 
+#: Loss tags read as validation curves (the overfitting rule; never fed to the rules whose advice is about
+#: the learning rate): a word ``val``, ``valid``, ``validation``, ``eval``, ``evaluation`` or ``test`` as a
+#: path part, prefix or suffix (``val/loss``, ``loss/val``, ``eval_loss``, ``Loss/validation``, ``test-loss``).
+#: A ``val_tags`` list in the layer table's extra names them instead.
+VALIDATION_PATTERN = re.compile(r"(^|[/_.\- ])(val|valid|validation|eval|evaluation|test)($|[/_.\- ])",
+                                re.IGNORECASE)
+
 
 @dataclass
 class RunData:
@@ -41,6 +48,8 @@ class RunData:
     model: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     #: evaluation tag -> its `add_evaluation` calls in step order (`tbdiag.evaluation.group`)
     evaluations: dict[str, list[Evaluation]] = field(default_factory=dict)
+    #: tbdiag's throughput scalar tag (`tbdiag.throughput_checks.PERF_TAGS`) -> ``(steps, values)``
+    perf: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> list[str]:
@@ -62,6 +71,7 @@ class RunData:
         samples: Iterable[tuple[int, np.ndarray, Sequence[str]]],
         losses: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
         model_samples: Iterable[tuple[int, Mapping[str, float]]] = (),
+        perf: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
     ) -> "RunData":
         """Assemble from ``(step, [layers, columns] array, column names)`` samples in any order
         (and model-level ``(step, {name: value})`` samples).
@@ -106,7 +116,13 @@ class RunData:
                     model[key][1].append(float(value))
         model_arrays = {key: (np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
                         for key, (s, v) in model.items()}
-        return cls(name=name, table=table, steps=steps, stats=stats, losses=loss_arrays, model=model_arrays)
+        perf_arrays = {}
+        for tag, (s, v) in (perf or {}).items():  # in step order, as the losses
+            s, v = np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64)
+            order = np.argsort(s, kind="stable")
+            perf_arrays[tag] = (s[order], v[order])
+        return cls(name=name, table=table, steps=steps, stats=stats, losses=loss_arrays, model=model_arrays,
+                   perf=perf_arrays)
 
 
 def is_loss_tag(tag: str, loss_tags: Sequence[str] | None = None) -> bool:
@@ -116,6 +132,13 @@ def is_loss_tag(tag: str, loss_tags: Sequence[str] | None = None) -> bool:
     if loss_tags is not None:
         return tag in loss_tags
     return bool(DEFAULT_LOSS_PATTERN.search(tag))
+
+
+def is_validation_tag(tag: str, val_tags: Sequence[str] | None = None) -> bool:
+    """Whether a loss tag is a validation (held-out) curve rather than a training one."""
+    if val_tags is not None:
+        return tag in val_tags
+    return bool(VALIDATION_PATTERN.search(tag))
 
 
 def json_number(x: float | None) -> float | str | None:

@@ -29,6 +29,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from .live import TrainingHealthError
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: What the user can do about a fault in each entry point.
@@ -66,6 +68,8 @@ class Shield:
                 return None
             try:
                 return fn(*args, **kwargs)
+            except TrainingHealthError:  # watch(..., stop_on=...): the user asked for this one
+                raise
             except Exception as e:  # anything of ours: never the user's problem
                 self.trip(entry, e, args)
                 return None

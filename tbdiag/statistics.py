@@ -76,7 +76,7 @@ STATISTICS: tuple[Statistic, ...] = (
               "previous logging step",
               "parameters changed since last log", "changed", "fraction", "with_finding"),
     Statistic("grad_params", "number of the layer's parameter tensors that received a gradient this step",
-              "parameter tensors with gradients", "grad tensors", "linear", "never"),
+              "parameter tensors with gradients", "grad tensors", "linear", "with_finding"),
     Statistic("dead_persist_frac", "fraction of units that fired neither in this batch nor in the two previous "
               "logged ones",
               "ReLU units dead for 3 logged batches", "dead 3 batches", "fraction", "never"),
@@ -88,21 +88,27 @@ STATISTICS: tuple[Statistic, ...] = (
 #: their own tensor (`tbdiag.schema.encode_model`) and read by the rules as series (`RunData.model`).
 #: Columns are read by name; new ones go at the end.
 MODEL_STATISTICS: tuple[Statistic, ...] = (
-    Statistic("nonfinite_step", "first training step (any step, not only logging steps) whose model output or "
-              "gradients held NaN/Inf, from the on-device sentinel; NaN while there was none",
+    Statistic("nonfinite_step", "first training step (any step, not only logging steps) where NaN/Inf was born, "
+              "from the sentinel's check of the model output at every step (tbdiag.sentinel); NaN while there was "
+              "none",
               "first non-finite step", "NaN step", "linear", "never"),
-    Statistic("nonfinite_layer", "layer row (model order) where the sentinel first saw NaN/Inf at that step; NaN "
-              "when it could not tell",
+    Statistic("nonfinite_layer", "layer row (model order) where NaN/Inf first appeared at that step: the first "
+              "in forward order with a non-finite output, or for nonfinite_where=backward the first in backward "
+              "order with non-finite weights; NaN when it could not tell",
               "first non-finite layer", "NaN layer", "linear", "never"),
     Statistic("eval_mode_steps", "optimizer steps since the previous logging step taken while the model was in "
-              "eval() mode",
+              "eval() mode and ran no training forward",
               "optimizer steps in eval mode", "eval steps", "linear", "nonzero"),
     Statistic("stale_gradients", "1 when the gradients were not cleared between the previous optimizer step and "
-              "this one (they accumulate across steps), 0 when they were; NaN when not checked",
+              "this one (they accumulate across steps), 0 when they were, checked on one small parameter; NaN "
+              "when not checked",
               "gradients not cleared", "stale grads", "linear", "nonzero"),
     Statistic("softmax_output", "1 when the model's output rows are probability distributions (non-negative, "
               "summing to 1) where a loss expects logits, 0 otherwise",
               "output already softmaxed", "softmax out", "linear", "nonzero"),
+    Statistic("nonfinite_where", "where the sentinel saw NaN/Inf born: 0 in the forward (a layer's output), 1 in "
+              "the backward or the optimizer update (the weights), 2 in the model's input; NaN when unknown",
+              "where NaN/Inf was born", "NaN where", "linear", "never"),
 )
 # fmt: on
 
@@ -143,6 +149,7 @@ def statistics_json() -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "Statistic", "STATISTICS", "BY_NAME", "MODEL_STATISTICS", "MODEL_BY_NAME", "KEY_STATS", "DEFAULT_HEATMAP", "SCALES", "CHARTS", "statistic",
+    "Statistic", "STATISTICS", "BY_NAME", "MODEL_STATISTICS", "MODEL_BY_NAME", "KEY_STATS", "DEFAULT_HEATMAP",
+    "SCALES", "CHARTS", "statistic",
     "scale_of", "statistics_json",
 ]

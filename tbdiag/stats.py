@@ -8,6 +8,7 @@ Nothing here modifies its inputs or draws random numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -28,13 +29,15 @@ HISTOGRAM_BINS = 30
 #: (tests/test_histogram_accuracy.py): every bin's share of the tensor differs
 #: from the exact share, over the same bin edges, by at most
 #: `HISTOGRAM_SHARE_ERROR`; the sampled range lies inside the exact one.
-HISTOGRAM_SAMPLE = 1 << 13
+HISTOGRAM_SAMPLE = 1 << 12
 
 #: The bound asserted by tests/test_histogram_accuracy.py on Gaussian, uniform,
 #: heavy-tailed (Student t, df=2), sparse (90% zeros), row-structured, conv-weight
 #: and post-ReLU tensors of 3.7*10^4 to 4*10^6 elements: max over the 30 bins of
-#: |sampled share - exact share|, measured at 0.001-0.007 (about a fifth
-#: of a bin's average share of 0.033); asserted with a margin.
+#: |sampled share - exact share|, measured at 0.002-0.007 (about a fifth
+#: of a bin's average share of 0.033); asserted with a margin.  (A sample
+#: of 8192 measured 0.001-0.007: twice the binning and copying for no
+#: visible difference in a 30-bucket picture.)
 HISTOGRAM_SHARE_ERROR = 0.02
 
 def activation_stats(out: torch.Tensor) -> torch.Tensor:
@@ -232,6 +235,49 @@ def host_histograms(
     out[:, 1] = hi
     out[:, 2] = np.asarray(scales, dtype=np.float32)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _segments(device: torch.device, lengths: tuple[int, ...]) -> torch.Tensor:
+    """Which tensor each element of a concatenated sample belongs to, on ``device``.
+
+    A step's sample layout follows from the tensors' shapes alone, so it is the
+    same at every logging step: built once (the lengths reach the device with a
+    non-blocking copy, no synchronisation) and reused.
+    """
+    counts = torch.tensor(lengths, dtype=torch.int64).to(device, non_blocking=True)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=sum(lengths))
+
+
+def device_histograms(flat: torch.Tensor, lengths: Sequence[int], bins: int = HISTOGRAM_BINS) -> torch.Tensor:
+    """`host_histograms` without the scale column, binned where the samples are, for all tensors at once.
+
+    For accelerators: a handful of batched kernels over ``flat`` (no per-tensor
+    launches, no synchronisation: no boolean indexing, no output sized by a
+    device value) turn a step's samples into one ``[len(lengths), 2 + bins]``
+    float32 result (``min, max, counts...``), a few hundred bytes per tensor
+    where the samples are 32 KiB, and that is what rides in the step's single
+    host transfer.  The same float32 arithmetic as `host_histograms`, so both
+    give the same rows.  On a CPU the host path is faster (numpy bins each
+    sample where it sits in cache) and runs on the writer thread instead.
+    """
+    n = len(lengths)
+    device = flat.device
+    if n == 0:
+        return torch.zeros((0, 2 + bins), device=device)
+    seg = _segments(device, tuple(int(x) for x in lengths))
+    finite = torch.isfinite(flat)
+    big = torch.finfo(torch.float32).max
+    lo = torch.full((n,), big, device=device).scatter_reduce_(0, seg, torch.where(finite, flat, big), "amin")
+    hi = torch.full((n,), -big, device=device).scatter_reduce_(0, seg, torch.where(finite, flat, -big), "amax")
+    empty = lo > hi  # no finite value (or no value at all)
+    lo = torch.where(empty, torch.nan, lo)
+    hi = torch.where(empty, torch.nan, hi)
+    width = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    pos = ((flat - lo[seg]) / width[seg] * float(bins)).clamp_(0, bins - 1)
+    index = torch.where(finite, pos, 0).long() + seg * bins
+    counts = torch.zeros(n * bins, device=device).index_add_(0, index, finite.float())
+    return torch.cat([lo[:, None], hi[:, None], counts.view(n, bins)], dim=1)
 
 
 def feature_grid(out: torch.Tensor, max_channels: int = 16, size: int = 32, kind: str | None = None) -> torch.Tensor:

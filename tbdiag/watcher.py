@@ -31,11 +31,15 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import graph, layers
+from . import graph, layers, run_facts
 from .forward_tap import Busy, ForwardTap
+from .loop_watch import LoopWatch
 from .probe import ProbeOptions, StepProbe
 from .recorder import StepRecorder
+from . import live
+from .sentinel import Sentinel
 from .shield import Shield
+from .throughput import StepTimer
 from .wrappers import unwrap_model, unwrap_optimizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,11 +98,12 @@ class Watcher:
                  log_graph: bool = True, example_input: Any = None, histograms: bool = True,
                  activation_histograms: bool = True, images_every: int | None = None, max_image_layers: int = 8,
                  max_image_channels: int = 16, loss_tags: Sequence[str] | None = None, grad_scaler: Any = None,
-                 scalars: bool = True):
+                 scalars: bool = True, on_finding: Any = None, stop_on: Any = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         _check_arguments(log_every, images_every, grad_scaler)
+        stop_on = live.check_arguments(on_finding, stop_on)
         self.writer, self.model, self.optimizer = writer, unwrap_model(model), optimizer
         other = _WATCHED.get(self.model)
         if other is not None:
@@ -120,6 +125,14 @@ class Watcher:
         self.tap = ForwardTap(self.shield.guard, self._busy)
         self.recorder = StepRecorder(writer, optimizer, log_every, grad_scaler=grad_scaler, scalars=scalars,
                                      loss_tags=loss_tags, warn_once=self._warn_once)
+        self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.loop_watch)
+        self.timer = StepTimer()  # the perf/* scalars (tbdiag.throughput)
+        # live alerts (tbdiag.live) and NaN/Inf at the exact step (tbdiag.sentinel)
+        self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
+            if on_finding is not None or stop_on else None
+        writer.live = self.live
+        self.sentinel = Sentinel(lambda: self.layers, self._busy, read_always="nonfinite" in stop_on,
+                                 on_found=self._on_nonfinite)
         # (registry kind, handle): kind is "pre" / "post" (module forward hooks) or "optimizer"
         self._hooks: list[tuple[str, Any]] = []  # for the watcher's lifetime
         self._entry_hooks: list[tuple[str, Any]] = []  # children as entry points, until the root itself runs
@@ -214,6 +227,7 @@ class Watcher:
                 h.remove()
         self._hooks, self._entry_hooks, self.tap.hooks = keep, [], []
         self._probe = self.tap.probe = None
+        self.loop.remove()
         if _WATCHED.get(self.model) is self:
             del _WATCHED[self.model]
         return not keep
@@ -233,8 +247,12 @@ class Watcher:
                 self._window_depth += 1  # the module calls itself: its inner forward's hook must not close
             return None
         if not self._is_training_forward():
+            self.timer.other_forward()
             return None
         self._window, self._window_depth, self._forward_seen = (threading.get_ident(), module), 0, True
+        self.loop.on_training_forward()
+        self.timer.forward_begins(args, kwargs)
+        self.sentinel.forward_begins(args, kwargs)
         if module is self.model and not self._root_seen:
             self._root_seen = True  # the model's own forward runs: its children need no entry hooks
             for _, h in self._entry_hooks:
@@ -275,6 +293,11 @@ class Watcher:
             return None
         self.tap.close()
         self._window = None
+        self.sentinel.forward_ends(self.step, module, output)
+        if module is self.model and self._probe is not None and self._probe.step == self.step:
+            self.loop.on_model_output(output)
+        if self._probe is not None and not self.recorder.table_written:
+            self.recorder.output_width = run_facts.output_width(output)
         if self.optimizer is None and self._is_training_forward():
             out = _grad_tensor(output)
             if out is not None:
@@ -327,16 +350,45 @@ class Watcher:
         return None
 
     def _end_step(self, update: bool) -> None:
-        probe = self._probe
+        self.timer.step_ends()
+        probe = self._sentinel_probe(self._probe)
+        if update:
+            self.loop.on_optimizer_step()
         if probe is not None and probe.step == self.step:
             self._probe = None
             self._busy.value = True
             try:
+                self.loop.report(probe)
                 self.recorder.collect(probe, update)
-                self.recorder.finish(probe)
+                self.recorder.finish(probe, after_sync=self.timer.flush)
             finally:
                 self._busy.value = False
+        elif update and self.step % self.log_every == 0:  # a logging step without a training forward (eval mode)
+            said = self.loop.report(None)
+            if said:
+                self.recorder.finish_model_only(self.step, said)
+        if update and (self.step + 1) % self.log_every == 0:
+            self.loop.arm_stale_check()  # checked in the next step's backward
         self.step += 1
+        self.timer.ready()
+        if self.live is not None:
+            self.live.check()  # may raise TrainingHealthError (stop_on), the one exception the Shield lets through
+
+    def _sentinel_probe(self, probe: StepProbe | None) -> StepProbe | None:
+        """The step's probe with the sentinel's statistics; the step where it found NaN/Inf is logged, whatever
+        ``log_every`` (not in a distributed job: the other ranks would not join its collective)."""
+        if probe is None or probe.step != self.step:
+            if not self.sentinel.fresh or self.rank is not None:
+                return probe
+            probe = self._probe = StepProbe(self.step, ProbeOptions(**{**vars(self.options), "images": False}))
+        self.sentinel.add_to(probe)
+        return probe
+
+    def _on_nonfinite(self, step: int, layer: layers.Layer | None, where: str) -> None:
+        if self.live is None:  # with live alerts the nonfinite finding itself warns
+            name = layer.name if layer is not None else "the model"
+            self._warn_once("nonfinite", f"NaN/Inf first appeared at step {step} in {name} ({where}); "
+                            "`tbdiag report` has the details")
 
     def _log_graph(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The graph, traced from this call of ``module`` (the module tree for sharded models)."""

@@ -14,7 +14,7 @@ import queue
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import distributed, images, recordio, schema, stats
 from .assembly import StepRecord
+from .live import LiveMonitor
+from .rules import Finding
+from .histogram_summary import histogram_summary
+from .throughput import TimedLoader
 from .watcher import Watcher
 from .modelinfo import summary_markdown
+from . import confusion_image, evaluation, evaluation_inputs
 
 SUMMARY_TAG = "tbdiag/model_summary"
 
@@ -49,7 +54,13 @@ class DiagnosticWriter(SummaryWriter):
     dropped, so a loss logged on every rank is logged once).  With
     ``per_rank=True`` each rank writes its own run, ``<log_dir>/rank<r>``,
     with its local statistics.  See `tbdiag.distributed`.
+
+    ``writer.add_evaluation("val", targets, logits, epoch)`` records a
+    classifier's evaluation (confusion matrix, per-class precision, recall,
+    F1, accuracy) for the tab, the report and its evaluation rules.
     """
+
+    live: LiveMonitor | None = None  # the live rules of watch(..., on_finding=, stop_on=), fed what is written
 
     def __init__(self, log_dir: str | None = None, *args: Any, per_rank: bool = False, **kwargs: Any):
         self.rank = distributed.current(per_rank)
@@ -66,6 +77,7 @@ class DiagnosticWriter(SummaryWriter):
         self._chunk_first: int | None = None
         self._chunk_count = 0
         self._health_tag_written: tuple[Any, int] | None = None
+        self._evaluations: dict[str, tuple[int, tuple[str, ...]]] = {}  # tag -> (calls so far, class names)
         self._model_tag_written: tuple[Any, int] | None = None
 
     def _get_file_writer(self):
@@ -102,6 +114,8 @@ class DiagnosticWriter(SummaryWriter):
         loss_tags: Sequence[str] | None = None,
         grad_scaler: Any = None,
         scalars: bool = True,
+        on_finding: Callable[[Finding], Any] | None = None,
+        stop_on: Sequence[str] = (),
     ) -> Watcher:
         """Observe ``model`` (and ``optimizer``) and log diagnostics every ``log_every`` steps.
 
@@ -129,7 +143,30 @@ class DiagnosticWriter(SummaryWriter):
                 gradients: ``scaler.step`` unscales first).
             scalars: the learning-rate and global gradient-norm scalars
                 (``train/lr/group<i>``, ``train/grad_norm``); off where the
-                training framework logs its own under the same tags.
+                training framework logs its own under the same tags.  The
+                throughput scalars (``perf/step_time_ms``,
+                ``perf/input_wait_frac``, ``perf/samples_per_sec``) are
+                tbdiag's own and always written: the ``input_bound`` rule
+                reads them.
+            on_finding: called with each new `tbdiag.Finding` (an issue on a
+                layer, announced once) as the rules see it at the end of a
+                logging step, on the training thread.  An exception inside it
+                is shown as a warning and training goes on.
+            stop_on: rule names (``tbdiag rules``), e.g. ``("nonfinite",)``:
+                when one of them holds, ``optimizer.step()`` (or ``backward()``
+                without an optimizer) raises `tbdiag.TrainingHealthError`
+                carrying the finding, after what was logged is flushed.
+                ``"nonfinite"`` stops at the step the NaN/Inf is born at (one
+                step later for one born in a backward, found through the weights it
+                poisoned), whatever ``log_every``; on an accelerator it reads
+                the sentinel every step (one device-host sync per step).  Other
+                rules are checked at logging steps.
+
+        With ``on_finding`` or ``stop_on`` the rules run on the run so far at
+        every logging step (losses logged through this writer included), and
+        an error-level finding prints a one-line warning when it starts.
+        Without them, NaN/Inf found by the per-step sentinel (`tbdiag.sentinel`)
+        still prints one warning.
 
         The model may be wrapped (DDP, ``torch.compile``): hooks go on the
         user's own module and layer names carry no wrapper prefix.  So may the
@@ -149,10 +186,87 @@ class DiagnosticWriter(SummaryWriter):
             log_graph=log_graph, example_input=example_input, histograms=histograms,
             activation_histograms=activation_histograms, images_every=images_every,
             max_image_layers=max_image_layers, max_image_channels=max_image_channels, loss_tags=loss_tags,
-            grad_scaler=grad_scaler, scalars=scalars,
+            grad_scaler=grad_scaler, scalars=scalars, on_finding=on_finding, stop_on=stop_on,
         )
         self._watchers.append(watcher)
         return watcher
+
+    def add_evaluation(
+        self,
+        tag: str,
+        targets: Any,
+        outputs: Any,
+        global_step: int | None = None,
+        class_names: Sequence[str] | None = None,
+        *,
+        max_pr_curves: int = 10,
+    ) -> None:
+        """Record one evaluation of a classifier: its confusion matrix and what follows from it.
+
+        Args:
+            tag: the evaluation's name ("val", "test"); one series per tag.
+            targets: true class indices ``[N]`` (tensor, array or list).
+            outputs: predicted labels ``[N]``, class scores ``[N, C]`` (logits,
+                or probabilities when every row sums to 1), or one binary
+                score per sample ``[N]`` (a logit or the probability of class 1).
+            global_step: the step (or epoch) to file it under; default: the
+                number of earlier evaluations with this tag.
+            class_names: a name per class; remembered for later calls of the
+                tag.  The class count may grow between calls, never shrink.
+            max_pr_curves: with scores, one PR curve per class for the first
+                this-many classes (PR Curves tab, ``<tag>/pr_curve/<class>``).
+
+        Writes the confusion-matrix counts (``tbdiag/eval/<tag>/<step>``: the
+        report and the Diagnostics tab compute precision, recall, F1 and
+        accuracy from them, and the rules ``prediction_collapse`` and
+        ``neglected_class`` read them), and a picture of the matrix to the
+        Images tab (``<tag>/confusion_matrix``).  Raises ValueError, saying
+        what to pass instead, on mismatched lengths, bad shapes, labels out
+        of range or a class name list of the wrong length.
+        """
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(f"add_evaluation: tag must be a non-empty string, got {tag!r}")
+        prepared = evaluation_inputs.prepare(targets, outputs)
+        calls, known = self._evaluations.get(tag, (0, ()))
+        if class_names is not None:
+            class_names = tuple(str(name) for name in class_names)
+            if len(class_names) < prepared.n_classes or (
+                    prepared.probabilities is not None and len(class_names) != prepared.n_classes):
+                what = ("outputs score" if prepared.probabilities is not None else "the labels need")
+                raise ValueError(f"add_evaluation: {len(class_names)} class_names but {what} "
+                                 f"{prepared.n_classes} classes; pass one name per class")
+            if len(class_names) < len(known):
+                raise ValueError(f"add_evaluation: {len(class_names)} class_names, fewer than the {len(known)} "
+                                 f"classes of earlier {tag!r} evaluations; the class list may grow, never shrink")
+        else:
+            class_names = known + evaluation.default_class_names(prepared.n_classes)[len(known):]
+        n = len(class_names)
+        step = calls if global_step is None else int(global_step)
+        self._evaluations[tag] = (calls + 1, class_names)
+        counts = evaluation.confusion_counts(prepared.targets, prepared.predictions, n)
+        self._add(evaluation.encode(tag, step, counts, class_names), step)
+        self.add_image(f"{tag}/confusion_matrix", confusion_image.render(counts, class_names), step,
+                       dataformats="HWC")
+        if prepared.probabilities is not None:
+            for c in range(min(prepared.probabilities.shape[1], max(0, max_pr_curves))):
+                self.add_pr_curve(f"{tag}/pr_curve/{class_names[c]}", prepared.targets == c,
+                                  prepared.probabilities[:, c], step)
+
+    def watch_loader(self, loader: Iterable) -> TimedLoader:
+        """``loader``, timed: iterate over what this returns and the input wait is measured exactly.
+
+        Without it the input wait is the gap between one step's end and the next
+        training forward (the loader plus the loop's own code).  The wrapper
+        yields the loader's batches unchanged, and passes ``len()`` and
+        attributes (``dataset``, ``sampler``, ``batch_size``) through.
+        Optional; for loops that iterate the loader themselves (trainers that
+        want a real ``DataLoader`` take the unwrapped one).
+        """
+        return TimedLoader(loader, self._loader_fetched)
+
+    def _loader_fetched(self, seconds: float) -> None:
+        for watcher in self._watchers:
+            watcher.timer.loader_fetched(seconds)
 
     def flush(self) -> None:
         """Write everything measured so far (waits for the background writer)."""
@@ -198,6 +312,12 @@ class DiagnosticWriter(SummaryWriter):
         if self._worker is not None:
             self._jobs.join()
 
+    def add_scalar(self, tag: str, scalar_value: Any, global_step: int | None = None, *args: Any, **kwargs: Any) -> None:
+        """`SummaryWriter.add_scalar`; a loss also feeds the live rules of ``watch(..., on_finding=, stop_on=)``."""
+        super().add_scalar(tag, scalar_value, global_step, *args, **kwargs)
+        if self.live is not None:
+            self.live.add_loss(tag, global_step, scalar_value)
+
     # ------------------------------------------- what the watcher hands over
 
     def write_step(self, record: StepRecord) -> None:
@@ -207,10 +327,14 @@ class DiagnosticWriter(SummaryWriter):
         self._chunk_count += 1
         tag_step = self._chunk_first
         self._enqueue(lambda: self._write_step(record, tag_step))
+        if self.live is not None:
+            self.live.add_record(record.step, record.health, record.model)
 
     def write_layer_table(self, table: schema.LayerTable) -> None:
         """Write the layer table (read by the rules) and the model summary (the Text tab)."""
         summary, text = schema.encode_layers(table), summary_markdown(table)
+        if self.live is not None:
+            self.live.set_table(table)
         self._enqueue(lambda: (self._add(summary, 0), self.add_text(SUMMARY_TAG, text, 0)))
 
     def write_graph(self, events: Sequence[event_pb2.Event]) -> None:
@@ -235,11 +359,13 @@ class DiagnosticWriter(SummaryWriter):
         for tag, value in record.scalars:
             self.add_scalar(tag, value, step)
         # every histogram of the step in one Summary: one event and one record instead of one per tensor
-        values = []
-        for tags, samples, lengths, scales, numels in record.histogram_samples:
-            values += _histogram_values(tags, stats.host_histograms(samples, lengths, scales), numels)
-        if values:
-            self._add(summary_pb2.Summary(value=values), step)
+        binned = [(tags, stats.host_histograms(samples, lengths, scales), numels)
+                  for tags, samples, lengths, scales, numels in record.histogram_samples]
+        summary = summary_pb2.Summary()
+        for tags, rows, numels in binned + record.histogram_rows:
+            summary.MergeFrom(histogram_summary(tags, rows, numels))
+        if summary.value:
+            self._add(summary, step)
         for tag, grid in record.images:
             self._add(images.image_summary(tag, grid), step)
 
@@ -268,41 +394,3 @@ def _flush_at_exit(ref: "weakref.ref[DiagnosticWriter]") -> None:
     writer = ref()
     if writer is not None and writer._worker is not None:
         writer.flush()
-
-
-def _histogram_values(
-    tags: Sequence[str], rows: np.ndarray, numels: Sequence[int | None]
-) -> list[summary_pb2.Summary.Value]:
-    """HistogramProto values from rows of ``[min, max, scale, counts...]``, the arithmetic vectorised over rows.
-
-    A row without a finite value (NaN range) is left out: nothing to draw; the
-    nonfinite rule reports it.
-    """
-    rows = np.asarray(rows)
-    if rows.size == 0:
-        return []
-    lo = rows[:, 0].astype(np.float64)
-    hi = rows[:, 1].astype(np.float64)
-    counts = rows[:, 3:].astype(np.float64) * rows[:, 2:3].astype(np.float64)
-    bins = counts.shape[1]
-    limits = lo[:, None] + (hi - lo)[:, None] * np.arange(1, bins + 1) / bins
-    centers = (np.concatenate([lo[:, None], limits[:, :-1]], axis=1) + limits) / 2
-    totals = counts.sum(axis=1)
-    sums = (centers * counts).sum(axis=1)
-    sums_sq = (centers**2 * counts).sum(axis=1)
-    finite = np.isfinite(lo) & np.isfinite(hi)
-    out = []
-    for i in np.flatnonzero(finite):
-        numel = numels[i]
-        if hi[i] <= lo[i]:  # one value: a single bucket at it
-            limit, bucket, center = [float(hi[i])], [float(totals[i])], float((lo[i] + hi[i]) / 2)
-            total_sum, total_sq = center * bucket[0], center**2 * bucket[0]
-        else:
-            limit, bucket = limits[i].tolist(), counts[i].tolist()
-            total_sum, total_sq = float(sums[i]), float(sums_sq[i])
-        histo = summary_pb2.HistogramProto(
-            min=float(lo[i]), max=float(hi[i]), num=float(numel) if numel is not None else float(totals[i]),
-            sum=total_sum, sum_squares=total_sq, bucket_limit=limit, bucket=bucket,
-        )
-        out.append(summary_pb2.Summary.Value(tag=tags[i], histo=histo))
-    return out

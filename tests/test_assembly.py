@@ -82,6 +82,18 @@ def test_histograms_and_images_get_their_tags():
     assert [tag for tag, _ in record.images] == ["images/conv"]
 
 
+def test_histograms_binned_on_the_device_keep_their_rows_with_the_scale_put_in():
+    binned = np.array([[0.0, 1.0, 3.0, 1.0], [-1.0, 2.0, 0.0, 6.0]], dtype=np.float32)  # min, max, 2 bins
+    items = [(("g_hist", [0, 2]), binned), (("model", "softmax_output"), np.array([1.0]))]
+    meta = {"g_hist": ([4, 6], [3.0, 1.0])}
+    record = Assembler().assemble(0, items, meta, _layout(), LAYERS, {})
+    assert record.histogram_samples == []
+    ((tags, rows, numels),) = record.histogram_rows
+    assert tags == ["grads/conv.weight", "grads/fc.weight"] and numels == [12, 6]
+    np.testing.assert_array_equal(rows, [[0, 1, 3, 3, 1], [-1, 2, 1, 0, 6]])
+    assert record.model == {"softmax_output": 1.0}
+
+
 def test_remap_rows_renumbers_layer_keyed_items_only():
     items = [(("act", 0), 1), (("a_hist", [0, 2]), 2), (("g_norm", [0, 1]), 3), (("image", 2), 4)]
     remapped = remap_rows(items, [2, 0, 1])

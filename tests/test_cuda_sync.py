@@ -19,6 +19,7 @@ from torch import nn
 
 from scenarios import SeedCNN, SmallResNet
 
+import tbdiag
 from tbdiag import DiagnosticWriter
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -96,4 +97,65 @@ def test_zero_syncs_off_logging_steps_and_one_on_them(tmp_path, make, with_optim
             step()
     writer.flush()
     assert not writer._errors
+    writer.close()
+
+
+def test_the_nan_sentinel_adds_no_sync_and_finds_the_exact_step(tmp_path):
+    """NaN at a non-logging step: still no sync there; the next logging step's one transfer carries its step."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = mlp().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(32, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (32,), device=device)
+    writer = DiagnosticWriter(str(tmp_path))
+    handle = writer.watch(model, opt, log_every=LOG_EVERY)
+
+    def step(sick=False):
+        loss = F.cross_entropy(model(x * float("nan") if sick else x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(LOG_EVERY + 1):
+        step()
+    torch.cuda.synchronize()
+    bad = handle.step + 1
+    with sync_debug("error"):
+        step()
+        step(sick=True)  # a non-logging step
+        while handle.step % LOG_EVERY:
+            step()
+    assert count_syncs(step) == 1
+    writer.close()
+    (f,) = [f for f in tbdiag.report(str(tmp_path)) if f.issue == "nonfinite"]
+    assert f.first_step == bad
+
+
+def test_stop_on_nonfinite_reads_the_sentinel_every_step(tmp_path):
+    """stop_on=("nonfinite",) costs one sync per step, and stops at the step."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = mlp().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(32, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (32,), device=device)
+    writer = DiagnosticWriter(str(tmp_path))
+    handle = writer.watch(model, opt, log_every=LOG_EVERY, stop_on=("nonfinite",))
+
+    def step(sick=False):
+        loss = F.cross_entropy(model(x * float("nan") if sick else x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(LOG_EVERY + 1):
+        step()
+    torch.cuda.synchronize()
+    assert count_syncs(step) == 1
+    bad = handle.step
+    with pytest.raises(tbdiag.TrainingHealthError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        step(sick=True)
+    assert caught.value.step == bad and caught.value.layer == "1"  # the first Linear of the Sequential
     writer.close()

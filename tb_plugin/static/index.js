@@ -9,7 +9,9 @@
 // textContent, a title attribute, or canvas fillText: never parsed as HTML.
 
 import {el} from './dom.js';
+import {EvaluationSection} from './evaluation.js';
 import {RunPanel} from './panel.js';
+import {attachThroughput} from './throughput.js';
 import {Requests, getJSON} from './requests.js';
 import {primaryStat, severityRank, state} from './state.js';
 
@@ -84,7 +86,9 @@ function renderPanels() {
     if (!panel) {
       panel = new RunPanel(state.runs.find((r) => r.run === name));
       state.panels.set(name, panel);
+      attachThroughput(panel);  // its load() and dispose() now cover the Throughput strip too
       panel.load();
+      panel.evaluation = new EvaluationSection(panel);
     }
     shown.push(panel.root);
   }
@@ -96,7 +100,7 @@ function renderPanels() {
 async function reloadAll() {
   // new runs may have appeared, and every run may have new steps (the server re-reads what changed)
   if (await loadRuns()) renderRunSelector(document.getElementById('run-selector'));
-  await Promise.all([...state.panels.values()].map((p) => p.load()));
+  await Promise.all([...state.panels.values()].flatMap((p) => [p.load(), p.evaluation.load()]));
 }
 
 function defaultStat() {

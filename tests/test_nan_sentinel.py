@@ -1,0 +1,172 @@
+"""The NaN sentinel: NaN/Inf placed at the exact step and layer whatever ``log_every``.
+
+Real training runs write real event files, read back by `tbdiag.report`.
+NaN is born after layer ``b`` at step 23: in its forward output (a forward
+hook of the test's model turns it to NaN), or in its backward (a custom
+autograd function returns a NaN gradient).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tbdiag
+from tbdiag import DiagnosticWriter
+
+BAD_STEP = 23
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward; at the bad step its backward returns NaN (the gradient is born sick)."""
+
+    @staticmethod
+    def forward(ctx, x, sick):
+        ctx.sick = sick
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad * float("nan") if ctx.sick else grad), None
+
+
+class Net(nn.Module):
+    def __init__(self, dropout: float = 0.0, bn: bool = False):
+        super().__init__()
+        self.a = nn.Linear(8, 32)
+        self.norm = nn.BatchNorm1d(32) if bn else nn.Identity()
+        self.b = nn.Linear(32, 32)
+        self.drop = nn.Dropout(dropout)
+        self.c = nn.Linear(32, 4)
+        self.sick_backward = False
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.norm(self.a(x))))
+        h = NanGrad.apply(h, self.sick_backward)
+        return self.c(self.drop(torch.relu(h)))
+
+
+def data(steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(steps)]
+
+
+def train(logdir, *, watch=True, log_every=10, steps=40, sick=None, stop_on=(), optimizer=True, model_kw=None,
+          on_finding=None, compile=False):
+    """Train ``Net``; ``sick`` is "forward" or "backward" (NaN born after layer b at BAD_STEP) or None."""
+    torch.manual_seed(0)
+    model = Net(**(model_kw or {}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    state = {"step": 0}
+    if sick == "forward":
+        model.b.register_forward_hook(lambda m, i, out: out + float("nan") if state["step"] == BAD_STEP else None)
+    writer = DiagnosticWriter(str(logdir)) if watch else None
+    if watch:
+        writer.watch(model, opt if optimizer else None, log_every=log_every, stop_on=stop_on, on_finding=on_finding)
+    run = torch.compile(model, backend="eager") if compile else model
+    try:
+        for step, (x, y) in enumerate(data(steps)):
+            state["step"] = step
+            model.sick_backward = sick == "backward" and step == BAD_STEP
+            loss = F.cross_entropy(run(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if watch:
+                writer.add_scalar("train/loss", loss.item(), step)
+    finally:
+        if watch:
+            writer.close()
+    return model
+
+
+def nonfinite(logdir):
+    return [f for f in tbdiag.report(str(logdir)) if f.issue == "nonfinite"]
+
+
+@pytest.mark.parametrize("log_every", [10, 100])
+def test_nan_born_in_forward_is_placed_at_its_step_and_layer(tmp_path, log_every):
+    with pytest.warns(RuntimeWarning, match=r"step 23 in b \(forward\)"):
+        train(tmp_path, sick="forward", log_every=log_every)
+    (f,) = nonfinite(tmp_path)
+    assert (f.layer, f.first_step, f.severity) == ("b", BAD_STEP, "error")
+    assert f.message.startswith("b: first NaN/Inf at step 23, in its output (forward)"), f.message
+    assert f.ongoing
+
+
+@pytest.mark.parametrize("optimizer", [True, False], ids=["optimizer", "no_optimizer"])
+def test_nan_born_in_backward_is_placed_at_its_step_in_backward_order(tmp_path, optimizer):
+    with pytest.warns(RuntimeWarning, match="NaN/Inf first appeared at step 23 in b"):
+        train(tmp_path, sick="backward", optimizer=optimizer)
+    (f,) = nonfinite(tmp_path)
+    # NaN gradients flow from b back to a; b is the first layer in backward order that holds them
+    assert (f.layer, f.first_step) == ("b", BAD_STEP)
+    assert "in its gradients (backward)" in f.message, f.message
+
+
+def test_nan_in_the_input_is_reported_as_such(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for step, (x, y) in enumerate(data(30)):
+            if step == 17:
+                x[2, 3] = float("nan")
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+    writer.close()
+    (f,) = nonfinite(tmp_path)
+    assert (f.layer, f.first_step) == ("a", 17)
+    assert "in the model's input" in f.message
+
+
+def test_healthy_run_is_silent_and_bit_identical(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        watched = train(tmp_path, log_every=10, model_kw={"dropout": 0.3, "bn": True})
+    plain = train(None, watch=False, model_kw={"dropout": 0.3, "bn": True})
+    assert nonfinite(tmp_path) == []
+    for (name, p), q in zip(watched.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_the_replay_leaves_training_untouched(tmp_path):
+    """The one replay (dropout, BatchNorm) restores the random state and the buffers: same run as unwatched."""
+    kw = {"dropout": 0.3, "bn": True}
+    with pytest.warns(RuntimeWarning, match=r"step 23 in b \(forward\)"):
+        watched = train(tmp_path, sick="forward", model_kw=kw, steps=BAD_STEP + 1)
+    after_watched = torch.rand(3)
+    plain = train(None, watch=False, sick="forward", model_kw=kw, steps=BAD_STEP + 1)
+    after_plain = torch.rand(3)
+    assert torch.equal(after_watched, after_plain), "the replay consumed random numbers"
+    for (name, p), q in zip(watched.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(p, q) or torch.allclose(p, q, equal_nan=True) and p.isnan().equal(q.isnan()), name
+    (f,) = nonfinite(tmp_path)
+    assert (f.layer, f.first_step) == ("b", BAD_STEP)
+
+
+def test_works_under_torch_compile(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"step 23 in b"):
+        train(tmp_path, sick="forward", compile=True, steps=26)
+    (f,) = nonfinite(tmp_path)
+    assert (f.layer, f.first_step) == ("b", BAD_STEP)
+
+
+def test_old_runs_without_the_sentinel_fall_back_to_the_logged_counts(tmp_path):
+    """A run without the sentinel's statistics (an older writer): placed at the first logged step holding NaN."""
+    from tbdiag import checks, reader
+
+    with pytest.warns(RuntimeWarning):
+        train(tmp_path, sick="forward", log_every=10)
+    (run,) = reader.load_logdir(str(tmp_path))
+    run.model = {k: v for k, v in run.model.items() if not k.startswith("nonfinite")}
+    (f,) = [f for f in checks.evaluate(run) if f.issue == "nonfinite"]
+    assert f.first_step == BAD_STEP  # the step the sentinel found it at is logged, with its counts
+    assert "first NaN/Inf at step 23" in f.message
