@@ -3,7 +3,8 @@
 // Drawn on a canvas as wide as its box (CSS width 100%; the panel draws again
 // when that changes), with the rules' threshold lines dashed and the steps
 // where a finding holds shaded.  Log-scale statistics get a log axis unless
-// nothing is positive; zeros sit on its floor.
+// nothing is positive; zeros sit on its floor.  A `quantity` (a duration, a
+// rate) is drawn from zero, so noise around a steady value looks small.
 
 import {severityColour} from './colour.js';
 import {fmt, fmtInt, num} from './format.js';
@@ -32,6 +33,7 @@ export function drawChart(canvas, steps, values, scale, lines, findings) {
   const all = finite.concat(lineVals.filter((v) => Number.isFinite(v) && (!log || v > 0)));
   let lo = all.length ? Math.min(...all) : 0; let hi = all.length ? Math.max(...all) : 1;
   if (scale === 'fraction') { lo = 0; hi = Math.max(1.08, hi); }
+  if (scale === 'quantity') { lo = Math.min(0, lo); hi = Math.max(hi * 1.08, lo + 1e-12); }  // from zero
   const tr = log ? (v) => Math.log10(v) : (v) => v;
   let tlo = tr(lo); let thi = tr(hi);
   if (log && vals.some((v) => v === 0)) tlo -= 1;  // room for the zero row

@@ -19,7 +19,8 @@ export function fmt(v, scale) {
   if (scale === 'fraction') return `${(100 * v).toFixed(v > 0 && v < 0.01 ? 1 : 0)}%`;
   if (v === 0) return '0';
   const a = Math.abs(v);
-  if (a >= 1e4 || a < 1e-3) return v.toExponential(1);
+  if (a >= 1e6 || a < 1e-3) return v.toExponential(1);
+  if (a >= 1e3) return Math.round(v).toLocaleString('en-US');  // 1,010 rather than 1.01e+3
   return v.toPrecision(3);
 }
 

@@ -9,11 +9,12 @@ import {drawChart} from './chart.js';
 import {el} from './dom.js';
 import {fmt, num} from './format.js';
 import {Requests} from './requests.js';
+import {wordOf} from './state.js';
 
 const CHARTS = [
-  {tag: 'perf/step_time_ms', title: 'Step time', unit: ' ms', scale: 'linear'},
+  {tag: 'perf/step_time_ms', title: 'Step time', unit: ' ms', scale: 'quantity'},
   {tag: 'perf/input_wait_frac', title: 'Input wait', unit: '', scale: 'fraction'},
-  {tag: 'perf/samples_per_sec', title: 'Samples/s', unit: '', scale: 'linear'},
+  {tag: 'perf/samples_per_sec', title: 'Samples/s', unit: '', scale: 'quantity'},
 ];
 
 class ThroughputStrip {
@@ -43,7 +44,7 @@ class ThroughputStrip {
     const title = el('div', {class: 'section-title'}, 'Throughput',
         el('span', {class: 'muted', text: ' · each point: the mean over the steps since the previous logged step'}));
     if (flagged) title.append(' ', el('span', {class: `flag sev-${flagged.severity}`, title: flagged.message,
-      text: 'input-bound'}));
+      text: wordOf(flagged.issue)}));
     const row = el('div', {class: 'throughput-charts'});
     this.charts = [];
     for (const spec of CHARTS) {
