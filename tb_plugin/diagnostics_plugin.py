@@ -196,14 +196,15 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     @_json_route
     def evaluation_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
-        run = query.required(args, "run")
-        thresholds = query.thresholds(args)
-        view = self._source.view(ctx, experiment, run, thresholds)
-        return evaluation_payload(view, rules.resolve(thresholds))
+        return self._run_payload(ctx, experiment, args, evaluation_payload)
 
     @_json_route
     def throughput_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        return self._run_payload(ctx, experiment, args, throughput_payload)
+
+    def _run_payload(self, ctx: Any, experiment: str, args: Any, payload) -> dict[str, Any]:
+        """A section's payload for ``?run=R[&threshold=...]``: the run's view and the resolved rules."""
         run = query.required(args, "run")
         thresholds = query.thresholds(args)
         view = self._source.view(ctx, experiment, run, thresholds)
-        return throughput_payload(view, rules.resolve(thresholds))
+        return payload(view, rules.resolve(thresholds))

@@ -197,13 +197,7 @@ class RunSource:
             entry.tag_samples.pop(gone, None)
             changed = True
         if stale:
-            read = self._provider.read_tensors(
-                ctx,
-                experiment_id=experiment,
-                plugin_name=schema.PLUGIN_NAME,
-                downsample=READ_ALL,
-                run_tag_filter=provider.RunTagFilter(runs=[run], tags=stale),
-            ).get(run, {})
+            read = self._read_tensors(ctx, experiment, run, stale)
             for tag in stale:
                 content = chunks[tag].plugin_content
                 if schema.is_model_tag(tag):
@@ -262,13 +256,7 @@ class RunSource:
             entry.eval_keys.pop(tag)
             entry.evals.pop(tag, None)
         if stale:
-            read = self._provider.read_tensors(
-                ctx,
-                experiment_id=experiment,
-                plugin_name=schema.PLUGIN_NAME,
-                downsample=READ_ALL,
-                run_tag_filter=provider.RunTagFilter(runs=[run], tags=stale),
-            ).get(run, {})
+            read = self._read_tensors(ctx, experiment, run, stale)
             for tag in stale:
                 found = []
                 for d in read.get(tag, []):
@@ -280,15 +268,18 @@ class RunSource:
                 entry.eval_keys[tag] = _series_key(listing[tag])
         return bool(stale or gone)
 
-    def _read_table(self, ctx: Any, experiment: str, run: str) -> schema.LayerTable | None:
-        read = self._provider.read_tensors(
+    def _read_tensors(self, ctx: Any, experiment: str, run: str, tags: list[str]) -> dict[str, list]:
+        """Every value of some of a run's tbdiag tensor tags, by tag."""
+        return self._provider.read_tensors(
             ctx,
             experiment_id=experiment,
             plugin_name=schema.PLUGIN_NAME,
             downsample=READ_ALL,
-            run_tag_filter=provider.RunTagFilter(runs=[run], tags=[schema.LAYERS_TAG]),
-        )
-        data = read.get(run, {}).get(schema.LAYERS_TAG, [])
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=tags),
+        ).get(run, {})
+
+    def _read_table(self, ctx: Any, experiment: str, run: str) -> schema.LayerTable | None:
+        data = self._read_tensors(ctx, experiment, run, [schema.LAYERS_TAG]).get(schema.LAYERS_TAG, [])
         if not data:
             return None
         latest = max(data, key=lambda d: (d.step, d.wall_time))

@@ -100,8 +100,8 @@ def test_zero_syncs_off_logging_steps_and_one_on_them(tmp_path, make, with_optim
     writer.close()
 
 
-def test_the_nan_sentinel_adds_no_sync_and_finds_the_exact_step(tmp_path):
-    """NaN at a non-logging step: still no sync there; the next logging step's one transfer carries its step."""
+def _mlp_run(tmp_path, **watch_kwargs):
+    """A watched MLP on CUDA and its training step (``step(sick=True)``: a NaN input)."""
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = mlp().to(device)
@@ -109,13 +109,20 @@ def test_the_nan_sentinel_adds_no_sync_and_finds_the_exact_step(tmp_path):
     x = torch.randn(32, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (32,), device=device)
     writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(model, opt, log_every=LOG_EVERY)
+    handle = writer.watch(model, opt, log_every=LOG_EVERY, **watch_kwargs)
 
     def step(sick=False):
         loss = F.cross_entropy(model(x * float("nan") if sick else x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return writer, handle, step
+
+
+def test_the_nan_sentinel_adds_no_sync_and_finds_the_exact_step(tmp_path):
+    """NaN at a non-logging step: still no sync there; the next logging step's one transfer carries its step."""
+    writer, handle, step = _mlp_run(tmp_path)
 
     for _ in range(LOG_EVERY + 1):
         step()
@@ -134,20 +141,7 @@ def test_the_nan_sentinel_adds_no_sync_and_finds_the_exact_step(tmp_path):
 
 def test_stop_on_nonfinite_reads_the_sentinel_every_step(tmp_path):
     """stop_on=("nonfinite",) costs one sync per step, and stops at the step."""
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    model = mlp().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(32, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (32,), device=device)
-    writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(model, opt, log_every=LOG_EVERY, stop_on=("nonfinite",))
-
-    def step(sick=False):
-        loss = F.cross_entropy(model(x * float("nan") if sick else x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    writer, handle, step = _mlp_run(tmp_path, stop_on=("nonfinite",))
 
     for _ in range(LOG_EVERY + 1):
         step()
