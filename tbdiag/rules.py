@@ -368,9 +368,10 @@ RULES: tuple[Rule, ...] = (
         name="input_bound",
         statistic="perf/input_wait_frac: share of wall-clock step time spent waiting for input (from one step's "
                   "end to the next training forward, or inside a watch_loader loader's __next__), over the steps "
-                  "since the previous logging step; info above the threshold, warning above the 'warning' setting",
+                  "since the previous logging step; info above the threshold, warning above the 'warning' setting; "
+                  "never for a wait under min_wait_ms per step (a tiny step's own loop code)",
         threshold=0.15, persistence=3, severity="warning",
-        params={"warning": 0.3},
+        params={"warning": 0.3, "min_wait_ms": 1.0},
         source="PyTorch's TensorBoard profiler plugin (torch-tb-profiler) advised more DataLoader workers once "
                "the DataLoader took over 5% of a step; TraceML rates ~50% input wait 'input-bound / critical'. "
                "tbdiag's wait also holds the loop's own code (logging, slicing), a few percent of a small step, "

@@ -41,9 +41,13 @@ def input_bound(run: RunData, rule: Rule) -> list[Finding]:
     if len(frac) == 0:
         return []
     valid = np.isfinite(frac)
+    # a wait too short to matter is the loop's own bookkeeping on a tiny step, not a loader to fix
+    wait_ms = frac * _aligned(run, STEP_TIME_TAG, steps)
+    with np.errstate(invalid="ignore"):
+        long_enough = ~np.isfinite(wait_ms) | (wait_ms >= rule.params["min_wait_ms"])
     for level, severity in ((rule.params["warning"], "warning"), (rule.threshold, "info")):
         with np.errstate(invalid="ignore"):
-            spans = persistent(valid & (frac >= level), valid, rule.persistence)
+            spans = persistent(valid & (frac >= level) & long_enough, valid, rule.persistence)
         if spans:
             break
     else:
@@ -62,6 +66,18 @@ def input_bound(run: RunData, rule: Rule) -> list[Finding]:
         ongoing=b == len(frac),
         spans=tuple((int(steps[i]), int(steps[j - 1])) for i, j in spans),
     )]
+
+
+def _aligned(run: RunData, tag: str, steps: np.ndarray) -> np.ndarray:
+    """A perf series at the given logging steps (NaN where it was not logged)."""
+    s, v = run.perf.get(tag, (np.zeros(0, dtype=np.int64), np.zeros(0)))
+    out = np.full(len(steps), np.nan)
+    at = {int(step): i for i, step in enumerate(s)}
+    for i, step in enumerate(steps):
+        j = at.get(int(step))
+        if j is not None:
+            out[i] = v[j]
+    return out
 
 
 def _mean_over(run: RunData, tag: str, steps: np.ndarray) -> float | None:

@@ -85,3 +85,36 @@ def test_sick_run_is_named_and_its_fixed_twin_is_silent(tmp_path, name):
         spike = next(f for f in tbdiag.report(str(tmp_path / "sick")) if f.issue == "loss_spike")
         assert spike.first_step >= 120 and spike.explained_by == "dead_relu:net.2", spike.message
     assert _train(tmp_path / "fixed", **fixed) == []
+
+
+def _train_alternating(logdir, *, sorted_by_class: bool, steps=240, block=15):
+    """Batches drawn from one half of the classes, then the other, every ``block`` steps (data sorted by
+    class and never shuffled): the model unlearns each half while it learns the other."""
+    torch.manual_seed(0)
+    model = mlp(64, 2, nn.ReLU)
+    x, y = teacher_data(4096, (20,))
+    halves = ((y < 5).nonzero().squeeze(1), (y >= 5).nonzero().squeeze(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    writer = DiagnosticWriter(str(logdir))
+    writer.watch(model, opt, log_every=5, histograms=False, log_graph=False)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        pool = halves[(step // block) % 2] if sorted_by_class else torch.arange(len(y))
+        idx = pool[torch.randint(0, len(pool), (32,), generator=g)]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        writer.add_scalar("train/loss", loss.item(), step)
+    writer.close()
+    return tbdiag.report(str(logdir))
+
+
+def test_batches_alternating_between_kinds_of_samples_make_the_loss_oscillate(tmp_path):
+    found = _train_alternating(tmp_path / "sorted", sorted_by_class=True)
+    (osc,) = [f for f in found if f.issue == "loss_oscillation"]
+    assert osc.severity == "warning" and osc.layer is None, osc.message
+    assert not [f for f in found if f.issue == "loss_divergence"], "swings that do not climb are not divergence"
+    assert all(f.severity == "info" for f in found if f.issue == "loss_spike"), "each jump is part of the swings"
+    shuffled = _train_alternating(tmp_path / "shuffled", sorted_by_class=False)
+    assert [f for f in shuffled if f.severity in SERIOUS and f.issue != "input_bound"] == []

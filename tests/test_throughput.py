@@ -253,10 +253,10 @@ def test_evaluation_between_steps_is_not_input_wait():
 # ---------------------------------------------------------------- the rule
 
 
-def perf_run(fracs, steps=None) -> RunData:
+def perf_run(fracs, steps=None, step_ms=100.0) -> RunData:
     steps = steps or [5 * (i + 1) for i in range(len(fracs))]
     return RunData.from_samples("r", None, [], perf={INPUT_WAIT_TAG: (steps, fracs),
-                                                     STEP_TIME_TAG: (steps, [100.0] * len(fracs))})
+                                                     STEP_TIME_TAG: (steps, [step_ms] * len(fracs))})
 
 
 def test_rule_levels_and_persistence():
@@ -271,6 +271,11 @@ def test_rule_levels_and_persistence():
     assert found([0.0, 0.6, 0.6, 0.0, 0.0, 0.0]) == []  # two logging steps: not persistent
     assert [f.severity for f in found([0.6] * 4, {"input_bound.warning": 0.7})] == ["info"]
     assert found([], None) == []
+    # a tiny step's own loop code: 40% of a 2 ms step is 0.8 ms of waiting, below min_wait_ms
+    tiny = perf_run([0.4] * 4, step_ms=2.0)
+    assert checks.evaluate(tiny, rules=["input_bound"]) == []
+    assert [f.severity for f in checks.evaluate(tiny, {"input_bound.min_wait_ms": 0.5}, rules=["input_bound"])] \
+        == ["warning"]
     assert RULES_BY_NAME["input_bound"].params["warning"] == 0.3
     with pytest.raises(ValueError, match="input_bound.warning"):
         resolve({"input_bound.warnign": 0.5})
