@@ -6,14 +6,14 @@ hand-made arrays without training anything.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from . import evaluation_checks, loop_checks, loss_checks, nonfinite_checks, throughput_checks, update_checks
 from .rules import RULES_BY_NAME, SEVERITY_RANK, Finding, Rule, resolve
 from .rundata import RunData
-from .series import persistent, streaks
+from .series import persistent
 
 # ---------------------------------------------------------------------------
 # helpers

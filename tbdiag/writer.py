@@ -16,7 +16,6 @@ import warnings
 import weakref
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from torch import nn

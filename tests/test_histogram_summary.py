@@ -18,7 +18,7 @@ def _field_by_field(tags, rows, numels) -> summary_pb2.Summary:
     """The plain protobuf build: what `histogram_summary` must equal."""
     out = summary_pb2.Summary()
     for tag, row, numel in zip(tags, np.asarray(rows, dtype=np.float64), numels):
-        lo, hi, scale, counts = row[0], row[1], row[2], row[3:] * row[2]
+        lo, hi, counts = row[0], row[1], row[3:] * row[2]  # counts scaled to the whole tensor
         if not (math.isfinite(lo) and math.isfinite(hi)):
             continue
         bins = len(counts)

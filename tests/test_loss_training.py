@@ -4,8 +4,6 @@ Every run trains a small MLP on a learnable teacher task (`scenarios.teacher_dat
 `DiagnosticWriter`, and is read back from its event files by `tbdiag.report`.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

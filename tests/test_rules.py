@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tbdiag import checks, rules, schema
+from tbdiag import checks, rules, schema, series
 from tbdiag.report import render_json
 from tbdiag.rundata import RunData
 
@@ -183,8 +183,8 @@ def test_findings_json_is_strict_even_with_nan():
 
 
 def test_streaks():
-    assert checks.streaks(np.array([0, 1, 1, 0, 1], bool)) == [(1, 3), (4, 5)]
-    assert checks.streaks(np.array([], bool)) == []
+    assert series.streaks(np.array([0, 1, 1, 0, 1], bool)) == [(1, 3), (4, 5)]
+    assert series.streaks(np.array([], bool)) == []
 
 
 class _RecordingRun(RunData):
