@@ -9,7 +9,7 @@ and are put in first-forward order once, at the first logging step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,15 @@ def count_params(layers: list[Layer]) -> None:
         counted = [p for _, p in layer.params if not is_lazy(p)]
         layer.info.params = sum(p.numel() for p in counted)
         layer.info.trainable_params = sum(p.numel() for p in counted if p.requires_grad)
+
+
+def model_output(output: Any) -> torch.Tensor | None:
+    """The tensor that stands for a model's prediction: ``output.logits`` when it has one (Hugging Face), else
+    the first tensor of the output."""
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return first_tensor(output)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -39,20 +39,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .layers import first_tensor
+from .layers import model_output
 from .probe import StepProbe, local, no_autocast
 
 #: How far a row sum may be from 1 for the output to count as probabilities (half-precision softmax rounds).
 SOFTMAX_TOLERANCE = 1e-2
-
-
-def model_output(output: Any) -> torch.Tensor | None:
-    """The tensor that stands for a model's prediction: ``output.logits`` when it has one (Hugging Face), else
-    the first tensor of the output."""
-    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    return first_tensor(output)
 
 
 def softmax_flag(out: torch.Tensor) -> torch.Tensor | None:

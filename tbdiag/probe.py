@@ -89,7 +89,7 @@ class StepProbe:
         evaluated on the host after the rows are put in model order (a layer row).
         """
         if isinstance(value, torch.Tensor):
-            self.add("model", name, value.detach().reshape(-1)[:1].to(torch.float64))
+            self.add("model", name, value.detach().reshape(-1)[:1])  # `stats.to_host` makes it float32
             if offset:
                 self.model_offsets[name] = offset
         else:

@@ -10,18 +10,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
-import torch
-
-from .layers import first_tensor
+from .layers import model_output
 
 
 def output_width(output: Any) -> int | None:
     """The class dimension of a model's output: the last of ``[batch, C]`` / ``[batch, time, C]`` logits, the
     second of ``[batch, C, H, W]`` maps; a Hugging Face output's ``logits``; None for a scalar (a loss)."""
-    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-    t = logits if isinstance(logits, torch.Tensor) else first_tensor(output)
+    t = model_output(output)
     if t is None or t.dim() < 2:
         return None
     return int(t.shape[-1] if t.dim() <= 3 else t.shape[1])
