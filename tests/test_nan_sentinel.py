@@ -170,3 +170,34 @@ def test_old_runs_without_the_sentinel_fall_back_to_the_logged_counts(tmp_path):
     (f,) = [f for f in checks.evaluate(run) if f.issue == "nonfinite"]
     assert f.first_step == BAD_STEP  # the step the sentinel found it at is logged, with its counts
     assert "first NaN/Inf at step 23" in f.message
+
+
+def test_huge_but_finite_outputs_are_not_called_nan(tmp_path):
+    """The per-step check sums the output; a sum that overflows while every element is finite must be told
+    apart by the exact check, not reported as NaN/Inf."""
+
+    class Huge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.fc(x) * 0 + 3e38  # every element finite; their float32 sum is +Inf
+
+    torch.manual_seed(0)
+    model = Huge()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=5, histograms=False, log_graph=False)
+    x = torch.randn(16, 4)
+    assert not torch.isfinite(model(x).sum()) and torch.isfinite(model(x)).all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            loss = (model(x) / 1e38).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        writer.close()
+    assert not [w for w in caught if "NaN/Inf" in str(w.message)]
+    assert [f for f in tbdiag.report(str(tmp_path)) if f.issue == "nonfinite"] == []
