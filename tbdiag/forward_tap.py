@@ -15,7 +15,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .layers import ACTIVATION_KINDS, Layer, first_tensor
-from .probe import StepProbe, no_autocast, storage_key
+from .probe import StepProbe, no_autocast
+
+
+#: Device types whose autocast state is read directly (others take `no_autocast`'s general path).
+_PLAIN_AUTOCAST = ("cpu", "cuda")
 
 
 class Busy(threading.local):
@@ -61,37 +65,74 @@ class ForwardTap:
         self.hooks: list[tuple[str, Any]] = []  # ("pre" | "post", handle)
         self.functional_activations = False  # the spy saw F.relu & co. outside activation modules
         self._describe = False
+        self._learn = False  # this forward taps every layer and learns which ReLU modules need no tap
+        self._relu_inputs: dict[int, list[int | None]] = {}  # ReLU module row -> per call, the layer it follows
         self._act_stack: list[int] = []
         self._layer_hook = guard("layer hook", lambda layer, module, args, out: self._on_output(layer, args, out))
         self._act_pre = guard("layer hook", lambda layer, module, args: self._act_stack.append(layer.row))
         self.spy_activation = guard("activation spy", self.on_activation)
 
     def open(self, probe: StepProbe, spy_due: bool, describe: bool) -> None:
-        """Tap this thread's forward: ``describe`` records shapes and MACs (before the layer table is written)."""
+        """Tap this thread's forward: ``describe`` records shapes and MACs (before the layer table is written).
+
+        The forwards that describe the model, run the activation spy or draw
+        feature maps tap every layer and learn which ReLU modules need no tap
+        (`Layer.untapped`); the others leave those out, a hook call and a
+        reduction fewer per ReLU.
+        """
         self.probe, self.thread, self._describe = probe, threading.get_ident(), describe
         self._act_stack.clear()
+        self._learn = describe or spy_due or probe.options.images
+        probe.calls.clear()
+        if self._learn:
+            self._relu_inputs.clear()
+            for layer in self.layers:
+                layer.relu_after = layer.untapped = False
+        attributing = False  # some activation is attributed to the layer it follows in this forward
         for layer in self.layers:
+            if layer.untapped:
+                continue
             # the same hook objects at every logging step: torch.compile guards on them, so fresh ones would
             # recompile the model at every logging step
             if layer.hooks is None:
                 layer.hooks = (functools.partial(self._layer_hook, layer), functools.partial(self._act_pre, layer))
             self.hooks.append(("post", layer.module.register_forward_hook(layer.hooks[0])))
             if layer.is_activation:
+                attributing = True
                 self.hooks.append(("pre", layer.module.register_forward_pre_hook(layer.hooks[1])))
         if self.functional_activations or spy_due:
+            attributing = True
             self.spy = _ActivationSpy(self)
             self.spy.__enter__()
+        probe.track_producers = attributing
 
     def close(self) -> None:
         """Pop the spy (on the thread that pushed it) and remove the layer hooks."""
+        if self.probe is None and self.spy is None and not self.hooks:
+            return  # not open (every non-logging step)
         self.pop_spy()
         for _, h in self.hooks:
             h.remove()
         self.hooks.clear()
         self._act_stack.clear()
         if self.probe is not None:
+            if self._learn:
+                self._learn_untapped(self.probe)
             self.probe.producers.clear()
         self.probe = self.thread = None
+
+    def _learn_untapped(self, probe: StepProbe) -> None:
+        """After a forward that tapped every layer: which ReLU modules the next forwards can leave untapped.
+
+        Those whose every call took, as it was, the output of a layer that ran
+        once in this forward (not a sum, a slice, or a reused layer's output).
+        """
+        for row, inputs in self._relu_inputs.items():
+            if inputs and all(t is not None and probe.calls.get(t) == 1 for t in inputs):
+                self.layers[row].untapped = True
+                for t in inputs:
+                    self.layers[t].relu_after = True
+        self._relu_inputs.clear()
 
     def pop_spy(self) -> None:
         if self.spy is not None:
@@ -110,15 +151,25 @@ class ForwardTap:
                 self._act_stack.pop()
         if out is None:
             return None
+        self._measure(probe.record_output, out, layer, args, out, describe=self._describe)
+        return None
+
+    def _measure(self, fn: Callable, out: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Run one of the probe's measurements: marked busy, past the spy, in float32 whatever autocast picks.
+
+        The contexts are entered only where they change something: at a few
+        microseconds each they would be a large part of a small layer's cost.
+        """
         self.busy.value = True
         try:
-            # our own reductions need not pass through the spy (a Python call per op), and are float32
-            # whatever autocast would pick
-            with torch._C.DisableTorchFunction(), no_autocast(out):
-                probe.record_output(layer, args, out, describe=self._describe)
+            device_type = out.device.type
+            if self.spy is None and device_type in _PLAIN_AUTOCAST and not torch.is_autocast_enabled(device_type):
+                fn(*args, **kwargs)
+            else:  # our reductions need not pass through the spy (a Python call per op)
+                with torch._C.DisableTorchFunction(), no_autocast(out):
+                    fn(*args, **kwargs)
         finally:
             self.busy.value = False
-        return None
 
     def on_activation(self, kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """An activation function ran on ``x``: attribute it to the layer that produced ``x``."""
@@ -127,14 +178,15 @@ class ForwardTap:
             self.functional_activations = True  # applied outside any activation module: keep the spy on
         if probe is None or out.numel() == 0:
             return
-        target = probe.producers.get(storage_key(x))
+        produced = probe.producer(x)
+        target = produced[0] if produced is not None else None
+        if self._learn and self._act_stack:  # inside an activation module: does it take a layer's output as is?
+            module_row = self._act_stack[-1]
+            as_is = produced is not None and produced[1]
+            follows = target if as_is and kind == "relu" and self.layers[module_row].activation_kind == "relu" else None
+            self._relu_inputs.setdefault(module_row, []).append(follows)
         if target is None and self._act_stack:
             target = self._act_stack[-1]
         if target is None:
             return
-        self.busy.value = True
-        try:
-            with torch._C.DisableTorchFunction(), no_autocast(out):
-                probe.on_activation(self.layers[target], kind, out)
-        finally:
-            self.busy.value = False
+        self._measure(probe.on_activation, out, self.layers[target], kind, out)

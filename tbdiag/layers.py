@@ -60,6 +60,11 @@ class Layer:
     order: int = -1  # first-forward position, fixed at the first logging step
     row: int = -1  # position in the layer table
     hooks: tuple | None = None  # this layer's forward hook and activation pre-hook, made once
+    # Learned at the logging steps that tap every layer (`tbdiag.forward_tap`): a ReLU module whose every
+    # call takes one layer's output as it is needs no hook of its own; that layer's output gives the
+    # same dead units (relu(x) <= 0 exactly where x <= 0).
+    relu_after: bool = False  # a ReLU module takes this layer's output as it is
+    untapped: bool = False  # a ReLU module whose dead units come from the layer it follows
 
     @property
     def is_activation(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,12 +43,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
 
 
-def storage_key(t: torch.Tensor) -> tuple[str, int]:
+def storage_key(t: torch.Tensor) -> tuple[torch.device, int]:
     """Identifies the memory a tensor lives in: an activation's input is matched to the layer that wrote it."""
     try:
-        return (str(t.device), t.untyped_storage().data_ptr())
+        return (t.device, t.untyped_storage().data_ptr())
     except RuntimeError:  # tensors without storage (e.g. some subclasses)
-        return (str(t.device), id(t))
+        return (t.device, id(t))
 
 
 @dataclass
@@ -67,13 +68,17 @@ class StepProbe:
 
     step: int
     options: ProbeOptions
-    parts: list[torch.Tensor] = field(default_factory=list)
+    parts: list[torch.Tensor | np.ndarray] = field(default_factory=list)
     layout: list[tuple[str, Any]] = field(default_factory=list)
     weights: list[Any] = field(default_factory=list)  # how a part pools across ranks (element counts)
     # histogram kind -> (sample lengths, numel / length), known on the host from shapes alone
     hist_meta: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     recorded: set[int] = field(default_factory=set)
-    producers: dict[tuple[str, int], int] = field(default_factory=dict)  # output storage -> layer row
+    # output storage -> (layer row, shape, storage offset, the output itself, weakly) of the layer that wrote it,
+    # while `track_producers`: a freed output's memory may hold the next tensor, which no layer wrote
+    producers: dict[tuple[torch.device, int], tuple[int, torch.Size, int, Any]] = field(default_factory=dict)
+    track_producers: bool = True  # some activation in this forward is attributed to the layer it follows
+    calls: dict[int, int] = field(default_factory=dict)  # layer row -> calls in the current forward
     act_seen: dict[int, tuple[str, torch.Tensor, int]] = field(default_factory=dict)  # row -> kind, value, numel
     images: dict[int, int] = field(default_factory=dict)  # layer row -> position of its feature maps in parts
     order_counter: int = 0
@@ -103,10 +108,19 @@ class StepProbe:
         for name, value in self.host_model.items():
             model[name] = float(value() if callable(value) else value)
 
-    def add(self, kind: str, key: Any, tensor: torch.Tensor, weight: Any = None) -> None:
+    def add(self, kind: str, key: Any, tensor: torch.Tensor | np.ndarray, weight: Any = None) -> None:
+        """One measurement: a device tensor, or a numpy array for values already on the host (CPU statistics)."""
         self.parts.append(tensor)
         self.layout.append((kind, key))
         self.weights.append(weight)
+
+    def producer(self, x: torch.Tensor) -> tuple[int, bool] | None:
+        """The layer row that wrote ``x``'s memory in this forward, and whether ``x`` is that output as it is."""
+        produced = self.producers.get(storage_key(x))
+        if produced is None or produced[3]() is None:
+            return None  # nothing, or an output freed since (its memory reused)
+        row, shape, offset, _ = produced
+        return row, shape == x.shape and offset == x.storage_offset()
 
     def record_output(self, layer: Layer, args: tuple, out: torch.Tensor, describe: bool) -> None:
         """A layer's output: its moments, a histogram sample, feature maps; its shape and MACs when ``describe``."""
@@ -116,10 +130,14 @@ class StepProbe:
             layer.info.output_shape = list(out.shape)
             layer.info.macs = macs_of(layer.module, args, out)
         self.order_counter += 1
-        self.producers[storage_key(out)] = row
+        self.calls[row] = self.calls.get(row, 0) + 1
+        if self.track_producers:
+            self.producers[storage_key(out)] = (row, out.shape, out.storage_offset(), weakref.ref(out))
         if not out.is_floating_point() or row in self.recorded:
             return  # integer outputs; a module called twice in one forward keeps its first call
         self.recorded.add(row)
+        if layer.relu_after:  # the untapped ReLU module that follows: its dead units, from its input
+            self.on_activation(layer, "relu", out)
         if not layer.is_activation:
             # An activation module's output is summarised where it matters: its dead or saturated
             # fraction, on the layer that fed it.  Its mean/std would add a row of reductions per
@@ -178,14 +196,14 @@ class StepProbe:
         if self.options.param_histograms:
             for kind, tensors, keys in (("p_hist", params, list(range(len(params)))), ("g_hist", grads, with_grad)):
                 if tensors:
-                    flat, lengths, scales = stats.histogram_samples(tensors)
+                    flat, lengths, scales, order = stats.histogram_samples(tensors)
                     if kind == "g_hist" and unscale is not None:
                         flat = flat / unscale
-                    self._add_histograms(kind, keys, flat, lengths, scales)
+                    self._add_histograms(kind, [keys[i] for i in order], flat, lengths, scales)
         act_src = [(key, t) for (kind, key), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
         if act_src:
-            flat, lengths, scales = stats.histogram_samples([t for _, t in act_src], sampled=True)
-            self._add_histograms("a_hist", [key for key, _ in act_src], flat, lengths, scales)
+            flat, lengths, scales, order = stats.histogram_samples([t for _, t in act_src], sampled=True)
+            self._add_histograms("a_hist", [act_src[i][0] for i in order], flat, lengths, scales)
 
     def _add_histograms(self, kind: str, keys: list, flat: torch.Tensor, lengths: list[int],
                         scales: list[float]) -> None:
@@ -196,6 +214,8 @@ class StepProbe:
 
     def pool_across_ranks(self, world: int, sharded: list[bool]) -> None:
         """Replace this rank's statistics by the whole job's, in one all_reduce (see `tbdiag.distributed`)."""
+        device = next((t.device for t in self.parts if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        self.parts = [torch.from_numpy(t).to(device) if isinstance(t, np.ndarray) else t for t in self.parts]
         at, kinds, weights = [], [], []
         for j, (kind, key) in enumerate(self.layout):
             if kind not in _POOLED:
@@ -213,7 +233,16 @@ class StepProbe:
 
     @property
     def on_meta(self) -> bool:
-        return any(t.is_meta for t in self.parts)
+        return any(isinstance(t, torch.Tensor) and t.is_meta for t in self.parts)
+
+    @property
+    def on_host(self) -> bool:
+        """Every measurement is on the host already (a CPU model): `to_host` copies nothing."""
+        return all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in self.parts)
+
+    def norms_on_host(self) -> list[tuple[tuple[str, Any], np.ndarray]]:
+        """The weight and gradient norms as `to_host` items, for `count_nonfinite` (CPU measurements only)."""
+        return [(k, t.numpy()) for k, t in zip(self.layout, self.parts) if k[0] in ("w_norm", "g_norm")]
 
     def to_host(self) -> list[tuple[tuple[str, Any], np.ndarray]]:
         """Every measurement of the step on the host, in one transfer."""
@@ -225,7 +254,7 @@ def count_nonfinite(items: list, params: list[torch.Tensor]) -> dict[tuple[str, 
     """Exact NaN/Inf counts, only where a norm says there are some: never on a healthy step."""
     counts: dict[tuple[str, int], float] = {}
     for (kind, keys), values in items:
-        if kind not in ("w_norm", "g_norm"):
+        if kind not in ("w_norm", "g_norm") or np.isfinite(values).all():
             continue
         keys = list(range(len(params))) if keys is None else keys
         bad = [k for k, v in zip(keys, values) if not math.isfinite(float(v))]

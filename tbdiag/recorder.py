@@ -87,19 +87,36 @@ class StepRecorder:
             probe.pool_across_ranks(self.rank.world, self._sharded)
         if self.rank is not None and not self.rank.writes:
             return
-        items, index = probe.to_host(), self.param_index()
+        index = self.param_index()
+        lrs = [float(g.get("lr", float("nan"))) for g in self.optimizer.param_groups] if self.optimizer else []
+        if self.table_written and probe.on_host:
+            # Everything is on the host already (a CPU model): only what reads live tensors stays on the
+            # training thread; the assembly runs on the writer's thread, in step order.
+            extra = after_sync() if after_sync is not None else []
+            nonfinite = count_nonfinite(probe.norms_on_host(), [p for _, p, _ in index])
+            layout, names = ParamLayout.of(index), [layer.name for layer in self.layers]
+            self.writer.write_step(lambda: self._record(probe, probe.to_host(), layout, names, nonfinite, lrs, extra),
+                                   probe.step)
+            return
+        items = probe.to_host()
         extra = after_sync() if after_sync is not None else []
         if not self.table_written:
             items, index = self._fix_order(items, index)
-        lrs = [float(g.get("lr", float("nan"))) for g in self.optimizer.param_groups] if self.optimizer else []
-        record = self._assembler.assemble(
-            probe.step, items, probe.hist_meta, ParamLayout.of(index), [layer.name for layer in self.layers],
-            count_nonfinite(items, [p for _, p, _ in index]), lrs, self.scalars)
-        probe.finish_model(record.model)
-        record.scalars.extend(extra)
+        record = self._record(probe, items, ParamLayout.of(index), [layer.name for layer in self.layers],
+                              count_nonfinite(items, [p for _, p, _ in index]), lrs, extra)
         if not self.table_written:
             self._write_table()
         self.writer.write_step(record)
+
+    def _record(self, probe: StepProbe, items: list, layout: ParamLayout, names: list[str],
+                nonfinite: Mapping[tuple[str, int], float], lrs: list[float],
+                extra: list[tuple[str, float]]) -> StepRecord:
+        """The step's `StepRecord`, from its measurements on the host (pure host work)."""
+        record = self._assembler.assemble(probe.step, items, probe.hist_meta, layout, names, nonfinite, lrs,
+                                          self.scalars)
+        probe.finish_model(record.model)
+        record.scalars.extend(extra)
+        return record
 
     def finish_model_only(self, step: int, values: Mapping[str, Any]) -> None:
         """A logging step with model-level statistics but no measured training forward (eval mode).

@@ -14,7 +14,10 @@ step and finds the layer only once, when it fires:
   forward order with non-finite weights (gradients flow backwards: the first in
   backward order).  Otherwise it was born in this forward: the forward is
   replayed once without gradients, on the same inputs, with the random state
-  of this step's forward (restored after), on copies of the module buffers
+  of this step's forward (restored after; kept at every step only once a
+  logging step's forward is seen to draw random numbers, as dropout does: a
+  copy of the generator state is the largest per-step cost of the sentinel
+  after the check itself), on copies of the module buffers
   (BatchNorm statistics), and the first layer whose output is NaN/Inf is named.  A NaN/Inf
   in the model's input is reported as such.
 
@@ -52,6 +55,8 @@ WHERE_CODES: dict[str, float] = {"forward": 0.0, "backward": 1.0, "input": 2.0}
 
 def _floats(value: Any) -> list[torch.Tensor]:
     """The floating-point tensors of a module's output or inputs (nested containers too)."""
+    if isinstance(value, torch.Tensor):  # the common case, without walking a tree
+        return [value] if value.is_floating_point() and not value.is_meta else []
     try:
         leaves = pytree.tree_leaves(value)
     except Exception:  # a type pytree cannot take apart: its first tensor
@@ -84,23 +89,41 @@ class Sentinel:
         self._on_found = on_found
         self._inputs: tuple[tuple, dict] | None = None  # the open forward's inputs, for a replay
         self._rng: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._random: bool | None = None  # a training forward drew random numbers (checked at logging steps)
+        self._rng_probe = False  # the open forward compares the generator state before and after
         self._cuda: int | None = None  # the CUDA device of the last output checked in read mode
         self._read: bool | None = None  # decided at the first output checked
         self._first: torch.Tensor | None = None  # device mode: first bad step since the last logging step
 
     # ---------------------------------------------------------- every step
 
-    def forward_begins(self, args: tuple, kwargs: dict) -> None:
-        """A training forward begins: keep references to its inputs and its random state (read mode)."""
+    def forward_begins(self, args: tuple, kwargs: dict, logging: bool) -> None:
+        """A training forward begins: keep references to its inputs and, when needed, its random state (read mode).
+
+        The random state is copied at every step once a forward has drawn
+        random numbers; until then only at ``logging`` steps, whose forwards
+        are checked for it: a forward that draws none replays the same
+        without it.
+        """
         if self.found is not None or self._read is False:
             return
         self._inputs = (args, kwargs)
-        self._rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self._cuda) if self._cuda is not None else None)
+        self._rng_probe = logging and not self._random
+        if self._random or self._rng_probe:
+            self._rng = self._rng_state()
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self._cuda) if self._cuda is not None else None
 
     def forward_ends(self, step: int, module: nn.Module, output: Any) -> None:
         """The training forward of ``step`` ended with ``output``: one finiteness check."""
         inputs, rng = self._inputs, self._rng
         self._inputs = self._rng = None  # no reference kept past the forward
+        if self._rng_probe and rng is not None:
+            self._rng_probe = False
+            now = self._rng_state()
+            self._random = not (torch.equal(now[0], rng[0]) and (now[1] is None) == (rng[1] is None)
+                                and (now[1] is None or torch.equal(now[1], rng[1])))
         if self.found is not None:
             return
         tensors = _floats(output)
@@ -109,17 +132,16 @@ class Sentinel:
         device = tensors[0].device
         if self._read is None:
             self._read = self.read_always or device.type == "cpu"
-        with torch.no_grad():
-            if self._read:
-                self._cuda = device.index if device.type == "cuda" else None
-                if not _all_finite(tensors):
-                    self._localise(step, module, inputs, rng)
-                return
-            finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
-            first = self._first
-            if first is None or first.device != device:
-                first = torch.full((), -1, dtype=torch.int64, device=device)
-            self._first = torch.where(finite | (first >= 0), first, step)
+        if self._read:  # (every tensor op here and below is on detached tensors: no autograd graph)
+            self._cuda = device.index if device.type == "cuda" else None
+            if not _all_finite(tensors):
+                self._localise(step, module, inputs, rng)
+            return
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
+        first = self._first
+        if first is None or first.device != device:
+            first = torch.full((), -1, dtype=torch.int64, device=device)
+        self._first = torch.where(finite | (first >= 0), first, step)
 
     def add_to(self, probe: StepProbe) -> None:
         """Model statistics for a logging step: the sentinel's finding (read mode) or its device state."""

@@ -40,7 +40,7 @@ HISTOGRAM_SAMPLE = 1 << 12
 #: visible difference in a 30-bucket picture.)
 HISTOGRAM_SHARE_ERROR = 0.02
 
-def activation_stats(out: torch.Tensor) -> torch.Tensor:
+def activation_stats(out: torch.Tensor) -> torch.Tensor | np.ndarray:
     """``[mean, std, nonfinite count]`` of a layer output (float32, on its device).
 
     The standard deviation is the population one (``correction=0``).  On CPUs
@@ -52,21 +52,24 @@ def activation_stats(out: torch.Tensor) -> torch.Tensor:
     order of magnitude slower on CPUs.  The NaN/Inf count is exact; on the CPU
     it is skipped when the mean is finite, which proves there is no NaN or Inf
     to count (reading a CPU value is no device synchronisation; on other
-    devices it is always counted).
+    devices it is always counted).  On the CPU the values are on the host
+    already, so they come back as a numpy array: building a tensor for three
+    numbers costs more than both reductions on a small layer.
     """
     x = out.detach()
     n = x.numel()
     if n == 0:
-        return torch.full((3,), float("nan"), device=x.device)
+        return np.full(3, np.nan, dtype=np.float32) if x.device.type == "cpu" else \
+            torch.full((3,), float("nan"), device=x.device)
     x32 = x.float() if x.dtype != torch.float32 else x
     if x32.device.type == "cpu":  # few dispatches: per-op overhead dominates for small layers
         m = float(x32.sum()) / n
         if not math.isfinite(m):
-            return torch.tensor([m, math.nan, float(n - int(torch.isfinite(x32).sum()))], dtype=torch.float32)
+            return np.array([m, math.nan, float(n - int(torch.isfinite(x32).sum()))], dtype=np.float32)
         var = float(torch.linalg.vector_norm(x32)) ** 2 / n - m * m
         if var < m * m:
             var = float(torch.linalg.vector_norm(x32 - m)) ** 2 / n
-        return torch.tensor([m, math.sqrt(max(var, 0.0)), 0.0], dtype=torch.float32)
+        return np.array([m, math.sqrt(max(var, 0.0)), 0.0], dtype=np.float32)
     mean = x32.mean()
     std = torch.linalg.vector_norm(x32 - mean) / math.sqrt(n) if n > 1 else torch.zeros((), device=x.device)
     nonfinite = (n - torch.isfinite(x32).sum()).to(torch.float32)
@@ -126,6 +129,7 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 SAMPLE_RUN = 16
 
 
+@functools.lru_cache(maxsize=4096)
 def sample_stride(numel: int) -> int | None:
     """Distance between the starts of the sampled runs of a flattened tensor (None: histogram all).
 
@@ -149,44 +153,57 @@ def sample_stride(numel: int) -> int | None:
     return step if math.gcd(step, numel) == 1 else widest
 
 
-def _sample_view(flat: torch.Tensor) -> torch.Tensor:
-    """The sampled elements of a flat tensor as a strided ``[runs, SAMPLE_RUN]`` view (or ``flat`` itself)."""
-    step = sample_stride(flat.numel())
+def _sample_view(t: torch.Tensor) -> torch.Tensor:
+    """The sampled elements of a tensor as a strided ``[runs, SAMPLE_RUN]`` view, or all of it, flat."""
+    step = sample_stride(t.numel())
     if step is None:
-        return flat
-    return flat.as_strided((HISTOGRAM_SAMPLE // SAMPLE_RUN, SAMPLE_RUN), (step, 1), flat.storage_offset())
+        return t.reshape(-1)
+    if not t.is_contiguous():
+        t = t.reshape(-1)  # (a copy: the strides below index the elements in row-major order)
+    return t.as_strided((HISTOGRAM_SAMPLE // SAMPLE_RUN, SAMPLE_RUN), (step, 1), t.storage_offset())
 
 
 def histogram_sample(t: torch.Tensor) -> torch.Tensor:
-    """The float32 values a histogram of ``t`` is computed from (all, or the fixed subset); always a copy."""
+    """The float32 values a histogram of ``t`` is computed from (all, or the fixed subset); always a copy.
+
+    ``[runs, SAMPLE_RUN]`` for a sampled tensor, flat otherwise (`histogram_samples` takes either)."""
     # Always a copy: the caller may keep it while an in-place op (ReLU(inplace=True)) rewrites ``t``.
-    return _sample_view(t.detach().reshape(-1)).to(torch.float32, copy=True).reshape(-1)
+    return _sample_view(t.detach()).to(torch.float32, copy=True)
 
 
 def histogram_samples(
     tensors: Sequence[torch.Tensor], sampled: bool = False
-) -> tuple[torch.Tensor, list[int], list[float]]:
+) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
     """The values each tensor's histogram is binned from, for many tensors, in one float32 device buffer.
 
-    Returns ``(flat, lengths, scales)``: the concatenated samples (all values,
-    or `sample_stride`'s fixed subset of a large tensor), each tensor's sample
-    length, and its ``numel / length``.  Lengths and scales come from shapes
-    alone, so they are known on the host without reading the device.  With
-    ``sampled=True`` the tensors are already samples (`histogram_sample`) and
-    are only concatenated.  Bin with `host_histograms` once ``flat`` is on the
-    host: the device does one strided copy per tensor and no reductions.
+    Returns ``(flat, lengths, scales, order)``: the concatenated samples (all
+    values, or `sample_stride`'s fixed subset of a large tensor), each
+    sample's length and its tensor's ``numel / length``, and which input
+    each sample is (``order[i]`` indexes ``tensors``): the sampled tensors
+    come first, then the small ones, so that each group is one ``cat``
+    (a copy per tensor costs a dispatch each; two copies in all cost two).
+    Lengths and scales come from shapes alone, so they are known on the host
+    without reading the device.  With ``sampled=True`` the tensors are
+    already samples (`histogram_sample`).  Bin with `host_histograms` once
+    ``flat`` is on the host: the device does two gathering copies and no
+    reductions.
     """
     if not tensors:
-        return torch.zeros(0), [], []
-    sources = [t.detach().reshape(-1) for t in tensors]
-    if not sampled:
-        sources = [_sample_view(f) for f in sources]  # strided [runs, SAMPLE_RUN] views of large tensors
-    lengths = [f.numel() for f in sources]
-    scales = [t.numel() / max(1, n) for t, n in zip(tensors, lengths)]
+        return torch.zeros(0), [], [], []
+    sources = [t.detach() if sampled else _sample_view(t.detach()) for t in tensors]
+    is_runs = [f.dim() == 2 and f.shape[1] == SAMPLE_RUN for f in sources]  # [runs, SAMPLE_RUN] samples
+    runs = [i for i, r in enumerate(is_runs) if r]
+    whole = [i for i, r in enumerate(is_runs) if not r]
+    order = runs + whole
+    lengths = [sources[i].numel() for i in order]
+    scales = [tensors[i].numel() / max(1, n) for i, n in zip(order, lengths)]
+    n_runs = sum(lengths[: len(runs)])
     out = torch.empty(sum(lengths), dtype=torch.float32, device=tensors[0].device)
-    # one fused copy (and cast) of every sample into its slice of the buffer
-    torch._foreach_copy_([d.view(f.shape) for d, f in zip(out.split(lengths), sources)], sources)
-    return out, lengths, scales
+    if runs:
+        torch.cat([sources[i] for i in runs], out=out[:n_runs].view(-1, SAMPLE_RUN))
+    if whole:
+        torch.cat([sources[i].reshape(-1) for i in whole], out=out[n_runs:])
+    return out, lengths, scales, order
 
 
 def host_histograms(
@@ -306,19 +323,24 @@ def feature_grid(out: torch.Tensor, max_channels: int = 16, size: int = 32, kind
     return ((x - lo) / (x.amax() - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
-def to_host(parts: Sequence[torch.Tensor]) -> list[np.ndarray]:
-    """Copy many device tensors to the host in one transfer; returns numpy arrays shaped as given."""
-    if not parts:
-        return []
-    if all(p.device.type == "cpu" for p in parts):
-        # already on the host: nothing to batch, so no concatenating copy (the arrays may share memory
-        # with ``parts``, which are freshly computed results nobody writes to afterwards)
-        return [p.detach().to(torch.float32).numpy().reshape(tuple(p.shape)) for p in parts]
-    flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in parts])
-    host = flat.cpu().numpy()
-    out, offset = [], 0
-    for p in parts:
-        n = p.numel()
-        out.append(host[offset : offset + n].reshape(tuple(p.shape)))
-        offset += n
-    return out
+def to_host(parts: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
+    """Copy many device tensors to the host in one transfer; returns numpy arrays shaped as given.
+
+    Host values (numpy arrays: statistics computed on the host already, and
+    CPU tensors) are passed through: the arrays may share memory with
+    ``parts``, which are freshly computed results nobody writes to afterwards.
+    """
+    out: list[np.ndarray | None] = [
+        p if isinstance(p, np.ndarray) else
+        p.detach().to(torch.float32).numpy().reshape(tuple(p.shape)) if p.device.type == "cpu" else None
+        for p in parts]
+    remote = [(i, p) for i, p in enumerate(parts) if out[i] is None]
+    if remote:  # one concatenation on the device, one copy to the host
+        flat = torch.cat([p.detach().reshape(-1).to(device=remote[0][1].device, dtype=torch.float32)
+                          for _, p in remote])
+        host, offset = flat.cpu().numpy(), 0
+        for i, p in remote:
+            n = p.numel()
+            out[i] = host[offset : offset + n].reshape(tuple(p.shape))
+            offset += n
+    return out  # type: ignore[return-value]

@@ -252,7 +252,7 @@ class Watcher:
         self._window, self._window_depth, self._forward_seen = (threading.get_ident(), module), 0, True
         self.loop.on_training_forward()
         self.timer.forward_begins(args, kwargs)
-        self.sentinel.forward_begins(args, kwargs)
+        self.sentinel.forward_begins(args, kwargs, logging=self.step % self.log_every == 0)
         if module is self.model and not self._root_seen:
             self._root_seen = True  # the model's own forward runs: its children need no entry hooks
             for _, h in self._entry_hooks:

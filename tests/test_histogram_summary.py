@@ -42,10 +42,10 @@ def test_bytes_encoding_equals_the_field_by_field_build():
     tensors = [torch.randn(310, 310, generator=g), torch.rand(40, generator=g), torch.full((5,), 2.0),
                torch.full((3,), float("nan")), torch.tensor([0.0, float("inf"), -3.0]), torch.zeros(0),
                torch.randn(70_000, generator=g) * 1e-30]
-    flat, lengths, scales = stats.histogram_samples(tensors)
+    flat, lengths, scales, order = stats.histogram_samples(tensors)
     rows = stats.host_histograms(flat.numpy(), lengths, scales)
-    tags = [f"params/layer{i}.weight" for i in range(len(tensors))]
-    numels = [t.numel() for t in tensors[:-1]] + [None]
+    tags = [f"params/layer{i}.weight" for i in order]
+    numels = [tensors[i].numel() if i < len(tensors) - 1 else None for i in order]
     got, want = histogram_summary(tags, rows, numels), _field_by_field(tags, rows, numels)
     assert len(got.value) == 5, "all-NaN and empty tensors have nothing to draw"
     for a, b in zip(got.value, want.value):

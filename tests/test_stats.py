@@ -56,8 +56,8 @@ def test_norms_match_torch():
 
 
 def _host_rows(tensors, bins):
-    flat, lengths, scales = stats.histogram_samples(tensors)
-    return stats.host_histograms(flat.numpy(), lengths, scales, bins=bins)
+    flat, lengths, scales, order = stats.histogram_samples(tensors)
+    return stats.host_histograms(flat.numpy(), lengths, scales, bins=bins)[np.argsort(order)]  # in the order given
 
 
 def test_histograms_exact_for_small_tensors():
@@ -75,14 +75,30 @@ def test_histograms_exact_for_small_tensors():
 def test_histogram_samples_are_deterministic_and_spread():
     n = 1_000_003
     positions = torch.arange(n, dtype=torch.float32)  # exact in float32 below 2**24: values are positions
-    idx = stats.histogram_sample(positions).long()
+    idx = stats.histogram_sample(positions).reshape(-1).long()
     assert stats.HISTOGRAM_SAMPLE // 2 <= len(idx) <= stats.HISTOGRAM_SAMPLE
-    assert torch.equal(idx, stats.histogram_sample(positions).long())
+    assert torch.equal(idx, stats.histogram_sample(positions).reshape(-1).long())
     assert len(torch.unique(idx)) == len(idx)
     # hits every tenth of the tensor about equally
     buckets = torch.bincount(idx * 10 // n, minlength=10)
     assert buckets.min() > 0.8 * len(idx) / 10
     assert stats.sample_stride(100) is None
+
+
+def test_histogram_samples_say_which_tensor_each_sample_is():
+    """Sampled and whole tensors are gathered in two groups; ``order`` maps each sample back to its tensor."""
+    sizes = [50_000, 7, 4096, 4097, 300, 1]
+    tensors = [torch.full((n,), float(i)) for i, n in enumerate(sizes)]
+    tensors[0] = tensors[0].reshape(250, 200).t()  # not contiguous: sampled in row-major order all the same
+    flat, lengths, scales, order = stats.histogram_samples(tensors)
+    assert sorted(order) == list(range(len(sizes)))
+    for i, piece, n, scale in zip(order, flat.split(lengths), lengths, scales):
+        assert torch.all(piece == float(i)), i
+        assert n == min(sizes[i], stats.HISTOGRAM_SAMPLE) and scale == pytest.approx(sizes[i] / n)
+    # already-sampled tensors (what the forward hooks keep) go through unchanged
+    samples = [stats.histogram_sample(t) for t in tensors]
+    again, lengths2, _, order2 = stats.histogram_samples(samples, sampled=True)
+    assert order2 == order and lengths2 == lengths and torch.equal(again, flat)
 
 
 def test_histogram_sample_is_a_copy():
