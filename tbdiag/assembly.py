@@ -197,4 +197,4 @@ class Assembler:
         for m in history:
             persist &= m
         self._dead_history[row] = ([dead] + history)[:2]
-        return float(dead.mean()), float(persist.mean())
+        return np.count_nonzero(dead) / dead.size, np.count_nonzero(persist) / dead.size

@@ -191,7 +191,7 @@ class StepProbe:
             self.add("g_norm", with_grad, g_norm / unscale if unscale is not None else g_norm)
         if update is not None and update[0]:
             positions, before = update
-            torch._foreach_sub_(before, [params[k].detach() for k in positions])
+            torch._foreach_sub_(before, [params[k] for k in positions])  # (under no_grad: `StepRecorder.collect`)
             self.add("u_norm", positions, stats.norms(before))
         if self.options.param_histograms:
             for kind, tensors, keys in (("p_hist", params, list(range(len(params)))), ("g_hist", grads, with_grad)):
@@ -234,15 +234,6 @@ class StepProbe:
     @property
     def on_meta(self) -> bool:
         return any(isinstance(t, torch.Tensor) and t.is_meta for t in self.parts)
-
-    @property
-    def on_host(self) -> bool:
-        """Every measurement is on the host already (a CPU model): `to_host` copies nothing."""
-        return all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in self.parts)
-
-    def norms_on_host(self) -> list[tuple[tuple[str, Any], np.ndarray]]:
-        """The weight and gradient norms as `to_host` items, for `count_nonfinite` (CPU measurements only)."""
-        return [(k, t.numpy()) for k, t in zip(self.layout, self.parts) if k[0] in ("w_norm", "g_norm")]
 
     def to_host(self) -> list[tuple[tuple[str, Any], np.ndarray]]:
         """Every measurement of the step on the host, in one transfer."""

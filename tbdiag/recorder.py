@@ -55,7 +55,7 @@ class StepRecorder:
     def capture_weights(self) -> None:
         """Copy the trainable weights before an optimizer step that will be logged."""
         with torch.no_grad():
-            trainable = [(k, local(p.detach())) for k, (_, p, _) in enumerate(self.param_index()) if p.requires_grad]
+            trainable = [(k, local(p)) for k, (_, p, _) in enumerate(self.param_index()) if p.requires_grad]
             self._weights.capture([k for k, _ in trainable], [t for _, t in trainable])
 
     def collect(self, probe: StepProbe, update: bool) -> None:
@@ -89,34 +89,18 @@ class StepRecorder:
             return
         index = self.param_index()
         lrs = [float(g.get("lr", float("nan"))) for g in self.optimizer.param_groups] if self.optimizer else []
-        if self.table_written and probe.on_host:
-            # Everything is on the host already (a CPU model): only what reads live tensors stays on the
-            # training thread; the assembly runs on the writer's thread, in step order.
-            extra = after_sync() if after_sync is not None else []
-            nonfinite = count_nonfinite(probe.norms_on_host(), [p for _, p, _ in index])
-            layout, names = ParamLayout.of(index), [layer.name for layer in self.layers]
-            self.writer.write_step(lambda: self._record(probe, probe.to_host(), layout, names, nonfinite, lrs, extra),
-                                   probe.step)
-            return
         items = probe.to_host()
         extra = after_sync() if after_sync is not None else []
         if not self.table_written:
             items, index = self._fix_order(items, index)
-        record = self._record(probe, items, ParamLayout.of(index), [layer.name for layer in self.layers],
-                              count_nonfinite(items, [p for _, p, _ in index]), lrs, extra)
+        record = self._assembler.assemble(
+            probe.step, items, probe.hist_meta, ParamLayout.of(index), [layer.name for layer in self.layers],
+            count_nonfinite(items, [p for _, p, _ in index]), lrs, self.scalars)
+        probe.finish_model(record.model)
+        record.scalars.extend(extra)
         if not self.table_written:
             self._write_table()
         self.writer.write_step(record)
-
-    def _record(self, probe: StepProbe, items: list, layout: ParamLayout, names: list[str],
-                nonfinite: Mapping[tuple[str, int], float], lrs: list[float],
-                extra: list[tuple[str, float]]) -> StepRecord:
-        """The step's `StepRecord`, from its measurements on the host (pure host work)."""
-        record = self._assembler.assemble(probe.step, items, probe.hist_meta, layout, names, nonfinite, lrs,
-                                          self.scalars)
-        probe.finish_model(record.model)
-        record.scalars.extend(extra)
-        return record
 
     def finish_model_only(self, step: int, values: Mapping[str, Any]) -> None:
         """A logging step with model-level statistics but no measured training forward (eval mode).

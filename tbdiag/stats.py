@@ -116,8 +116,10 @@ def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of each tensor, as one float32 vector (one fused kernel per device and dtype)."""
     if not tensors:
         return torch.zeros(0)
-    # accumulated in float32 whatever the tensors' dtype (bfloat16/float16 models): a norm is a long sum
-    return torch.stack(torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32))
+    # accumulated in float32 whatever the tensors' dtype (bfloat16/float16 models): a norm is a long sum;
+    # no_grad rather than a detach per tensor (a dispatch each)
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
 
 
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -190,7 +192,13 @@ def histogram_samples(
     """
     if not tensors:
         return torch.zeros(0), [], [], []
-    sources = [t.detach() if sampled else _sample_view(t.detach()) for t in tensors]
+    with torch.no_grad():  # (rather than a detach per tensor)
+        return _gather_samples(tensors, tensors if sampled else [_sample_view(t) for t in tensors])
+
+
+def _gather_samples(tensors: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+                    ) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
+    """`histogram_samples` from each tensor's sample (a strided view or the tensor itself): two copies."""
     is_runs = [f.dim() == 2 and f.shape[1] == SAMPLE_RUN for f in sources]  # [runs, SAMPLE_RUN] samples
     runs = [i for i, r in enumerate(is_runs) if r]
     whole = [i for i, r in enumerate(is_runs) if not r]
@@ -206,13 +214,21 @@ def histogram_samples(
     return out, lengths, scales, order
 
 
+#: Samples binned together by `host_histograms`: temporaries of a few hundred KiB stay in the CPU's cache,
+#: and a step's few hundred histograms take a dozen numpy calls per group instead of per tensor.
+_HOST_CHUNK = 1 << 16
+
+
 def host_histograms(
     flat: np.ndarray, lengths: Sequence[int], scales: Sequence[float], bins: int = HISTOGRAM_BINS
 ) -> np.ndarray:
     """Histograms of `histogram_samples`' output, binned on the host (float32 arithmetic).
 
-    The exact reference the tests hold them against bins the same rows on the
-    device (tests/histogram_reference.py).
+    The same float32 arithmetic as `device_histograms`, so both give the
+    same rows (tests/test_histogram_accuracy.py).  Consecutive tensors are
+    binned in groups of up to `_HOST_CHUNK` values; equal-length samples (the
+    common case: every large tensor's sample is `HISTOGRAM_SAMPLE` long) as
+    one 2-D block.
 
     Returns ``[len(lengths), 3 + bins]`` float32: ``min, max, scale, counts...``.
     """
@@ -237,21 +253,48 @@ def host_histograms(
     lo[empty] = np.nan
     hi[empty] = np.nan
     width = np.maximum(hi - lo, np.finfo(np.float32).tiny)
-    nb = np.float32(bins)
     counts = out[:, 3:]
-    for i in np.flatnonzero(nonempty & ~empty):
-        x = flat[starts[i] : starts[i] + lengths_a[i]]
-        # floor((x - lo) / width * bins) clamped to [0, bins - 1], as the device reference computes it;
-        # clamping first and truncating gives the same integer for every finite x
-        pos = (x - lo[i]) / width[i] * nb
-        if not all_finite:
-            pos = pos[np.isfinite(x)]
-        np.clip(pos, 0, bins - 1, out=pos)
-        counts[i] = np.bincount(pos.astype(np.intp), minlength=bins)
+    i = 0
+    while i < n:
+        j, total = i + 1, int(lengths_a[i])
+        while j < n and total + lengths_a[j] <= _HOST_CHUNK:
+            total += int(lengths_a[j])
+            j += 1
+        _bin_group(flat[starts[i] : starts[i] + total], finite[starts[i] : starts[i] + total], lengths_a[i:j],
+                   lo[i:j], width[i:j], empty[i:j], all_finite, counts[i:j])
+        i = j
     out[:, 0] = lo
     out[:, 1] = hi
     out[:, 2] = np.asarray(scales, dtype=np.float32)
     return out
+
+
+def _bin_group(x: np.ndarray, finite: np.ndarray, lengths: np.ndarray, lo: np.ndarray, width: np.ndarray,
+               empty: np.ndarray, all_finite: bool, counts: np.ndarray) -> None:
+    """Bin consecutive samples ``x`` (``lengths`` each) into ``counts`` rows: `host_histograms`' inner loop.
+
+    floor((x - lo) / width * bins) clamped to [0, bins - 1], as `device_histograms` computes it; clamping
+    first and truncating gives the same integer for every finite x.  NaN/Inf and empty samples count nowhere.
+    """
+    k, bins = len(lengths), counts.shape[1]
+    if lengths[0] > 0 and (lengths == lengths[0]).all():  # one [k, length] block: per-row values broadcast
+        pos = x.reshape(k, -1) - lo[:, None]
+        pos /= width[:, None]
+        offsets = (np.arange(k, dtype=np.intp) * bins)[:, None]
+        skip = None if all_finite and not empty.any() else ~(finite.reshape(k, -1) & ~empty[:, None])
+    else:
+        pos = x - np.repeat(lo, lengths)
+        pos /= np.repeat(width, lengths)
+        offsets = np.repeat(np.arange(k, dtype=np.intp) * bins, lengths)
+        skip = None if all_finite and not empty.any() else ~(finite & ~np.repeat(empty, lengths))
+    pos *= np.float32(bins)
+    if skip is not None:
+        pos[skip] = 0  # counted with weight 0 below
+    np.clip(pos, 0, bins - 1, out=pos)
+    index = pos.astype(np.intp)
+    index += offsets
+    weights = None if skip is None else (~skip).reshape(-1).astype(np.float64)
+    counts[:] = np.bincount(index.reshape(-1), weights=weights, minlength=k * bins).reshape(k, bins)
 
 
 @functools.lru_cache(maxsize=16)
@@ -331,9 +374,7 @@ def to_host(parts: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
     ``parts``, which are freshly computed results nobody writes to afterwards.
     """
     out: list[np.ndarray | None] = [
-        p if isinstance(p, np.ndarray) else
-        p.detach().to(torch.float32).numpy().reshape(tuple(p.shape)) if p.device.type == "cpu" else None
-        for p in parts]
+        p if isinstance(p, np.ndarray) else _host_float32(p) if p.device.type == "cpu" else None for p in parts]
     remote = [(i, p) for i, p in enumerate(parts) if out[i] is None]
     if remote:  # one concatenation on the device, one copy to the host
         flat = torch.cat([p.detach().reshape(-1).to(device=remote[0][1].device, dtype=torch.float32)
@@ -344,3 +385,9 @@ def to_host(parts: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
             out[i] = host[offset : offset + n].reshape(tuple(p.shape))
             offset += n
     return out  # type: ignore[return-value]
+
+
+def _host_float32(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a float32 numpy array (its own memory when it is float32 already)."""
+    t = t.detach()
+    return (t if t.dtype == torch.float32 else t.to(torch.float32)).numpy()

@@ -141,6 +141,7 @@ class Watcher:
         self._window_depth = 0
         self._root_seen = self._forward_seen = False
         self._probe: StepProbe | None = None
+        self._capture_hook: tuple[str, Any] | None = None  # the optimizer step pre-hook, while a logged step is next
         self._collected_step = -1
         self._logged = 0  # logging steps begun
         self._graph_done = not self.log_graph
@@ -167,7 +168,8 @@ class Watcher:
                 self._root_pre_handle = pre
         if self.optimizer is not None:
             opt = self.optimizer
-            self._hooks.append(("optimizer", opt.register_step_pre_hook(guard("optimizer step pre-hook", self._opt_pre))))
+            self._opt_pre_guarded = guard("optimizer step pre-hook", self._opt_pre)
+            self._arm_weight_capture()
             self._hooks.append(("optimizer", opt.register_step_post_hook(guard("optimizer step hook", self._opt_post))))
         else:
             self._output_grad_hook = guard("gradient hook", self._on_output_grad)
@@ -330,6 +332,21 @@ class Watcher:
         self._end_step(update=False)
 
     # with an optimizer: a step is one optimizer.step()
+    def _arm_weight_capture(self) -> None:
+        """The optimizer's step pre-hook (it copies the weights) is there only for the steps that are logged.
+
+        Called between steps, from the step post-hook at the latest: the pre-hook registry is not being
+        iterated then.  A hook call costs a few microseconds per step even when it returns at once.
+        """
+        due = self.step % self.log_every == 0
+        if due and self._capture_hook is None:
+            self._capture_hook = ("optimizer", self.optimizer.register_step_pre_hook(self._opt_pre_guarded))
+            self._hooks.append(self._capture_hook)
+        elif not due and self._capture_hook is not None:
+            hook, self._capture_hook = self._capture_hook, None
+            self._hooks = [h for h in self._hooks if h is not hook]
+            hook[1].remove()
+
     def _opt_pre(self, optimizer, args, kwargs) -> None:
         # Due to be logged, whether or not its forward has run yet: with a closure (LBFGS, Lightning) the
         # forward and backward run inside optimizer.step(), after this hook.
@@ -370,6 +387,8 @@ class Watcher:
         if update and (self.step + 1) % self.log_every == 0:
             self.loop.arm_stale_check()  # checked in the next step's backward
         self.step += 1
+        if update:
+            self._arm_weight_capture()
         self.timer.ready()
         if self.live is not None:
             self.live.check()  # may raise TrainingHealthError (stop_on), the one exception the Shield lets through

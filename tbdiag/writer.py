@@ -319,22 +319,13 @@ class DiagnosticWriter(SummaryWriter):
 
     # ------------------------------------------- what the watcher hands over
 
-    def write_step(self, record: StepRecord | Callable[[], StepRecord], step: int | None = None) -> None:
-        """Write one logging step (health table, scalars, histograms, images), on the background thread.
-
-        ``record`` may be a function that builds it, called on the background
-        thread (the host-side assembly of a step then leaves the training
-        thread too); ``step`` is its step.  With live alerts the record is
-        built here: the rules read it before the next training step.
-        """
-        if callable(record) and self.live is not None:
-            record = record()
-        step = record.step if isinstance(record, StepRecord) else step
+    def write_step(self, record: StepRecord) -> None:
+        """Write one logging step (health table, scalars, histograms, images), on the background thread."""
         if self._chunk_first is None or self._chunk_count >= schema.STEPS_PER_TAG:
-            self._chunk_first, self._chunk_count = step, 0
+            self._chunk_first, self._chunk_count = record.step, 0
         self._chunk_count += 1
         tag_step = self._chunk_first
-        self._enqueue(lambda: self._write_step(record() if callable(record) else record, tag_step))
+        self._enqueue(lambda: self._write_step(record, tag_step))
         if self.live is not None:
             self.live.add_record(record.step, record.health, record.model)
 
