@@ -39,7 +39,8 @@ For tbdiag it also sets the cost of its logging step (as above: against the
 baseline's steps at the same positions, not against tbdiag's own other steps,
 which carry its background work) against one memory pass over the parameters
 and gradients (``torch._foreach_norm`` over all of them: every element read
-once), and counts the event bytes tbdiag writes per layer per logged step
+once) and against one pass over those and every leaf module's output (what the
+health statistics read, since they are never sampled), and counts the event bytes tbdiag writes per layer per logged step
 besides histograms and images.
 
     python benchmarks/overhead.py            # the full run (about 15 minutes on 2 cores)
@@ -371,6 +372,7 @@ class Result:
     spread: dict[str, float] = field(default_factory=dict)  # label -> (q75 - q25) of the ratio
     costs: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> COSTS key -> ms per logged step
     param_pass_ms: float = float("nan")
+    full_pass_ms: float = float("nan")  # parameters, gradients and every leaf module's output
     bytes_per_layer: float = float("nan")
     layers: int = 0
     params: int = 0
@@ -414,6 +416,31 @@ def split_costs(tr: Config, base: Config) -> dict[str, float]:
 def memory_pass_ms(model: nn.Module, repeats: int = 30) -> float:
     """Median time of one read of every parameter and gradient element (one fused norm kernel)."""
     tensors = [p.detach() for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch._foreach_norm(tensors)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def full_pass_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
+    """Median time of one read of every parameter, gradient and leaf module output of a forward on ``x``.
+
+    What the health statistics must read at a logging step (they are never sampled): for models whose
+    activations outweigh their parameters (convolutions on images), far more than the parameters alone.
+    """
+    outputs: list[torch.Tensor] = []
+    leaves = [m for m in model.modules() if next(iter(m.children()), None) is None]
+    hooks = [m.register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone())) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    tensors = [p.detach() for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [t for t in outputs if t.is_floating_point()]
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -533,6 +560,7 @@ def run_workload(workload: Workload, log_every: int, args, configs: list[type[Co
         tb = next((tr for tr in trainers if tr.label == "tbdiag"), None)
         if tb is not None:
             result.param_pass_ms = memory_pass_ms(tb.model)
+            result.full_pass_ms = full_pass_ms(tb.model, data[0][0])
             result.layers = tb.layer_count()
             tb.writer.flush()
             total, steps = tbdiag_event_bytes(tb.logdir)
@@ -575,13 +603,15 @@ def print_table(results: list[Result], labels: list[str], out=sys.stdout) -> Non
     if "tbdiag" in labels:
         print(file=out)
         head3 = ["workload", "log_every", "layers", "tbdiag logging step ms", "memory pass ms (params+grads)",
-                 "logging step / pass", "total / log / pass", "event bytes / layer / logged step"]
+                 "logging step / pass", "total / log / pass", "full pass ms (+ outputs)", "logging step / full pass",
+                 "event bytes / layer / logged step"]
         rows3 = []
         for r in results:
             cost = r.costs["tbdiag"]
             rows3.append([WORKLOADS[r.workload].title, str(r.log_every), str(r.layers), f"{cost['logging']:.2f}",
                           f"{r.param_pass_ms:.3f}", f"{cost['logging'] / r.param_pass_ms:.1f}x",
-                          f"{cost['total'] / r.param_pass_ms:.1f}x", f"{r.bytes_per_layer:.0f}"])
+                          f"{cost['total'] / r.param_pass_ms:.1f}x", f"{r.full_pass_ms:.3f}",
+                          f"{cost['logging'] / r.full_pass_ms:.1f}x", f"{r.bytes_per_layer:.0f}"])
         _markdown(head3, rows3, out)
 
 
@@ -674,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
           "logging steps - the baseline's median there; other steps = the block's non-logging steps' summed excess; "
           "drain = the block-end drain's excess; total = the whole block's excess; each per logging step in the "
           "block, median over rounds (medians do not add up exactly). wandb's service process is not drained. "
-          "The pass ratios use the logging step above and the one memory pass measured in this run.")
+          "The pass ratios use the logging step above and the passes measured in this run (full pass: parameters, "
+          "gradients and every leaf module output of one forward).")
     for n in notes:
         print(f"note: {n}")
     return 0
