@@ -413,9 +413,8 @@ def split_costs(tr: Config, base: Config) -> dict[str, float]:
     return {k: v * 1e3 for k, v in ms.items()}
 
 
-def memory_pass_ms(model: nn.Module, repeats: int = 30) -> float:
-    """Median time of one read of every parameter and gradient element (one fused norm kernel)."""
-    tensors = [p.detach() for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+def _pass_ms(tensors: list[torch.Tensor], repeats: int = 30) -> float:
+    """Median time of one read of every element of ``tensors`` (one fused norm kernel)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -424,7 +423,16 @@ def memory_pass_ms(model: nn.Module, repeats: int = 30) -> float:
     return statistics.median(times) * 1e3
 
 
-def full_pass_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
+def _params_and_grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def memory_pass_ms(model: nn.Module) -> float:
+    """Median time of one read of every parameter and gradient element."""
+    return _pass_ms(_params_and_grads(model))
+
+
+def full_pass_ms(model: nn.Module, x: torch.Tensor) -> float:
     """Median time of one read of every parameter, gradient and leaf module output of a forward on ``x``.
 
     What the health statistics must read at a logging step (they are never sampled): for models whose
@@ -439,14 +447,7 @@ def full_pass_ms(model: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
     finally:
         for h in hooks:
             h.remove()
-    tensors = [p.detach() for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [t for t in outputs if t.is_floating_point()]
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch._foreach_norm(tensors)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return _pass_ms(_params_and_grads(model) + [t for t in outputs if t.is_floating_point()])
 
 
 def tbdiag_event_bytes(logdir: str) -> tuple[int, int]:
