@@ -201,3 +201,62 @@ def test_huge_but_finite_outputs_are_not_called_nan(tmp_path):
         writer.close()
     assert not [w for w in caught if "NaN/Inf" in str(w.message)]
     assert [f for f in tbdiag.report(str(tmp_path)) if f.issue == "nonfinite"] == []
+
+
+class Gate(nn.Module):
+    """A layer that turns its output to Inf when the dropout mask of its input's first row is ``pattern``."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(32))
+        self.pattern: torch.Tensor | None = None
+
+    def forward(self, h):
+        out = h * self.scale
+        if self.pattern is not None and torch.equal(h[0] == 0, self.pattern):
+            out = out + float("inf")
+        return out
+
+
+class DropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop, self.gate, self.head = nn.Linear(8, 32), nn.Dropout(0.5), Gate(), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.gate(self.drop(torch.relu(self.lin(x)) + 1.0)))  # zeros only where dropped
+
+
+def _dropnet_run(logdir, pattern=None):
+    """Train `DropNet` up to BAD_STEP; returns the dropout mask of the first row at BAD_STEP."""
+    torch.manual_seed(0)
+    model = DropNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = {}
+    model.gate.register_forward_pre_hook(lambda m, args: seen.__setitem__("mask", args[0][0] == 0))
+    writer = DiagnosticWriter(str(logdir)) if logdir is not None else None
+    if writer is not None:
+        writer.watch(model, opt, log_every=10, log_graph=False)
+    for step, (x, y) in enumerate(data(BAD_STEP + 1)):
+        model.gate.pattern = pattern if step == BAD_STEP else None
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if writer is not None:
+        writer.close()
+    return seen["mask"]
+
+
+def test_the_replay_draws_the_same_dropout_mask(tmp_path):
+    """A forward that draws random numbers is replayed with its own random state: Inf that only this step's
+    dropout mask produces (one pattern of 32 units: another draw matches it with odds of 2**-32) is placed
+    at its layer.  The sentinel keeps the random state only for such forwards, so this is the path that
+    copies it."""
+    mask = _dropnet_run(None)  # unwatched: the mask the watched run's step draws too (watching draws nothing)
+    assert 0 < int(mask.sum()) < 32
+    with pytest.warns(RuntimeWarning, match=rf"step {BAD_STEP} in gate \(forward\)"):
+        again = _dropnet_run(tmp_path, pattern=mask)
+    assert torch.equal(again, mask)
+    (f,) = nonfinite(tmp_path)
+    assert (f.layer, f.first_step) == ("gate", BAD_STEP)
