@@ -5,7 +5,8 @@ Per-layer checks on every step would cost a pass over every activation (about
 step and finds the layer only once, when it fires:
 
 - Every training forward ends with one finiteness check of the model's output
-  (``isfinite(out).all()``: the size of the output, a few microseconds).  NaN
+  (a sum over the output, with the exact mask only when the sum is not finite: about 50 µs
+  on a CPU step, most of it the first touch of a kernel after the forward).  NaN
   born anywhere in a forward reaches the output, and NaN born in a backward
   reaches it one step later, through the weights the optimizer wrote with it.
 - When the output turns non-finite at step ``s`` the sentinel localises, once:
