@@ -15,11 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .layers import ACTIVATION_KINDS, Layer, first_tensor
-from .probe import StepProbe, no_autocast
-
-
-#: Device types whose autocast state is read directly (others take `no_autocast`'s general path).
-_PLAIN_AUTOCAST = ("cpu", "cuda")
+from .probe import StepProbe, autocast_device, no_autocast
 
 
 class Busy(threading.local):
@@ -162,8 +158,7 @@ class ForwardTap:
         """
         self.busy.value = True
         try:
-            device_type = out.device.type
-            if self.spy is None and device_type in _PLAIN_AUTOCAST and not torch.is_autocast_enabled(device_type):
+            if self.spy is None and autocast_device(out) is None:
                 fn(*args, **kwargs)
             else:  # our reductions need not pass through the spy (a Python call per op)
                 with torch._C.DisableTorchFunction(), no_autocast(out):

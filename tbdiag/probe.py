@@ -28,13 +28,19 @@ from .modelinfo import macs_of
 _POOLED = {"act": "act", "dead": "dead", "sat": "frac", "w_norm": "norm", "g_norm": "norm", "u_norm": "norm"}
 
 
-def no_autocast(t: torch.Tensor | None) -> contextlib.AbstractContextManager:
-    """Statistics in float32 whatever autocast the user's forward runs under."""
+def autocast_device(t: torch.Tensor | None) -> str | None:
+    """The device type whose autocast would change ops on ``t`` (any, for None), or None when autocast is off."""
     device_type = t.device.type if t is not None else None
     for dt in ((device_type,) if device_type in ("cpu", "cuda") else ("cpu", "cuda")):
         if torch.is_autocast_enabled(dt):
-            return torch.autocast(device_type=dt, enabled=False)
-    return contextlib.nullcontext()
+            return dt
+    return None
+
+
+def no_autocast(t: torch.Tensor | None) -> contextlib.AbstractContextManager:
+    """Statistics in float32 whatever autocast the user's forward runs under."""
+    dt = autocast_device(t)
+    return torch.autocast(device_type=dt, enabled=False) if dt is not None else contextlib.nullcontext()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

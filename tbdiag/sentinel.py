@@ -122,9 +122,8 @@ class Sentinel:
         self._inputs = self._rng = None  # no reference kept past the forward
         if self._rng_probe and rng is not None:
             self._rng_probe = False
-            now = self._rng_state()
-            self._random = not (torch.equal(now[0], rng[0]) and (now[1] is None) == (rng[1] is None)
-                                and (now[1] is None or torch.equal(now[1], rng[1])))
+            self._random = not all(a is b or (a is not None and b is not None and torch.equal(a, b))
+                                   for a, b in zip(self._rng_state(), rng))
         if self.found is not None:
             return
         tensors = _floats(output)
