@@ -15,7 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .layers import ACTIVATION_KINDS, Layer, first_tensor
-from .probe import StepProbe, autocast_device, no_autocast
+from .probe import StackBuffer, StepProbe, autocast_device, no_autocast
 
 
 class Busy(threading.local):
@@ -64,6 +64,7 @@ class ForwardTap:
         self._learn = False  # this forward taps every layer and learns which ReLU modules need no tap
         self._relu_inputs: dict[int, list[int | None]] = {}  # ReLU module row -> per call, the layer it follows
         self._act_stack: list[int] = []
+        self.stack_buffer = StackBuffer()  # kept across logging steps
         self._layer_hook = guard("layer hook", lambda layer, module, args, out: self._on_output(layer, args, out))
         self._act_pre = guard("layer hook", lambda layer, module, args: self._act_stack.append(layer.row))
         self.spy_activation = guard("activation spy", self.on_activation)
@@ -80,6 +81,8 @@ class ForwardTap:
         self._act_stack.clear()
         self._learn = describe or spy_due or probe.options.images
         probe.calls.clear()
+        probe.batch = not self._learn  # (the forwards that learn measure every output in its hook)
+        probe.stack_buffer = self.stack_buffer
         if self._learn:
             self._relu_inputs.clear()
             for layer in self.layers:
@@ -112,6 +115,7 @@ class ForwardTap:
         self.hooks.clear()
         self._act_stack.clear()
         if self.probe is not None:
+            self._measure(self.probe.flush_outputs, None)  # (a fault: the forward hook's, which calls this)
             if self._learn:
                 self._learn_untapped(self.probe)
             self.probe.producers.clear()
@@ -150,7 +154,7 @@ class ForwardTap:
         self._measure(probe.record_output, out, layer, args, out, describe=self._describe)
         return None
 
-    def _measure(self, fn: Callable, out: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    def _measure(self, fn: Callable, out: torch.Tensor | None, *args: Any, **kwargs: Any) -> None:
         """Run one of the probe's measurements: marked busy, past the spy, in float32 whatever autocast picks.
 
         The contexts are entered only where they change something: at a few

@@ -65,6 +65,9 @@ class Layer:
     # same dead units (relu(x) <= 0 exactly where x <= 0).
     relu_after: bool = False  # a ReLU module takes this layer's output as it is
     untapped: bool = False  # a ReLU module whose dead units come from the layer it follows
+    # An in-place op changed this layer's output after its hook, at some logging step: it is measured in
+    # its hook, not in the batch at the end of the forward (`StepProbe.flush_outputs`).  Never unlearned.
+    output_changes: bool = False
 
     @property
     def is_activation(self) -> bool:

@@ -24,6 +24,13 @@ from . import distributed, stats
 from .layers import Layer
 from .modelinfo import macs_of
 
+#: Layer outputs of up to this many elements are measured together, in one batch of reductions at the end
+#: of the forward (`StepProbe.flush_outputs`): for a small layer the per-call overhead of its reductions
+#: is most of its cost, and a batch pays it once per output size rather than once per layer.
+BATCH_NUMEL = 1 << 16
+#: At most this many outputs wait for their batch (`BATCH_NUMEL` each: the memory they keep alive is bounded).
+BATCH_COUNT = 64
+
 #: How each item kind pools across ranks (`distributed.reduce_parts`); other kinds stay rank 0's own.
 _POOLED = {"act": "act", "dead": "dead", "sat": "frac", "w_norm": "norm", "g_norm": "norm", "u_norm": "norm"}
 
@@ -87,6 +94,10 @@ class StepProbe:
     calls: dict[int, int] = field(default_factory=dict)  # layer row -> calls in the current forward
     act_seen: dict[int, tuple[str, torch.Tensor, int]] = field(default_factory=dict)  # row -> kind, value, numel
     images: dict[int, int] = field(default_factory=dict)  # layer row -> position of its feature maps in parts
+    # small outputs waiting for `flush_outputs`: (layer, output, its version counter then, measured already)
+    held: list[tuple[Layer, torch.Tensor, int, bool]] = field(default_factory=list)
+    batch: bool = False  # this forward measures small outputs in batches (set by the forward tap)
+    stack_buffer: "StackBuffer" = field(default_factory=lambda: StackBuffer())  # the tap's, kept across steps
     order_counter: int = 0
     # model-level values known on the host: a number, or a callable read once the step's layer rows are final
     host_model: dict[str, Any] = field(default_factory=dict)
@@ -142,19 +153,65 @@ class StepProbe:
         if not out.is_floating_point() or row in self.recorded:
             return  # integer outputs; a module called twice in one forward keeps its first call
         self.recorded.add(row)
+        # An activation module's output is summarised where it matters: its dead or saturated fraction, on
+        # the layer that fed it.  Its mean/std would add a row of reductions per activation (half the
+        # layers of a Linear+ReLU stack) to every logging step.
+        work = layer.relu_after or not layer.is_activation or (self.options.activation_histograms and layer.params)
+        small = work and 0 < out.numel() <= BATCH_NUMEL
+        if small and self.batch and not layer.output_changes:
+            self.held.append((layer, out.detach(), out._version, False))
+            if len(self.held) >= BATCH_COUNT:
+                self.flush_outputs()
+            return
         if layer.relu_after:  # the untapped ReLU module that follows: its dead units, from its input
             self.on_activation(layer, "relu", out)
         if not layer.is_activation:
-            # An activation module's output is summarised where it matters: its dead or saturated
-            # fraction, on the layer that fed it.  Its mean/std would add a row of reductions per
-            # activation (half the layers of a Linear+ReLU stack) to every logging step.
             self.add("act", row, stats.activation_stats(out), float(out.numel()))
         if self.options.activation_histograms and layer.params:
             self.add("act_hist_src", row, stats.histogram_sample(out))
+        if small and not self.batch:  # measured now; whether an in-place op changes it later is seen at the end
+            self.held.append((layer, out.detach(), out._version, True))
         if self.options.images and layer.is_conv and out.dim() >= 3 and len(self.images) < self.options.max_image_layers:
             # the raw output for now; replaced by what the activation it feeds makes of it (`on_activation`)
             self.images[row] = len(self.parts)
             self.add("image", row, stats.feature_grid(out, self.options.max_image_channels))
+
+    def flush_outputs(self) -> None:
+        """Measure the held small outputs in one batch; learn which layers' outputs in-place ops change.
+
+        Runs at the end of the forward (and whenever `BATCH_COUNT` outputs
+        wait).  An output whose version counter moved since its hook was
+        changed in place (``ReLU(inplace=True)`` after a layer): its values are
+        no longer the layer's, so that layer is measured in its hook from then
+        on; the forwards that measure every output in its hook learn this
+        before any is held.
+        """
+        held, self.held = self.held, []
+        todo: dict[tuple, list[tuple[Layer, torch.Tensor]]] = {}  # outputs of one shape: stacked, reduced together
+        for layer, out, version, measured in held:
+            if out._version != version:
+                layer.output_changes = True
+            elif not measured:
+                dim = stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4)
+                todo.setdefault((tuple(out.shape), out.device, dim), []).append((layer, out))
+        for (_, _, dim), group in todo.items():
+            x = self.stack_buffer.stack([out for _, out in group])  # [k, *shape] float32, until the next stack
+            n = x[0].numel()
+            flat = x.view(len(group), -1)
+            if any(not layer.is_activation for layer, _ in group):
+                for (layer, _), values in zip(group, stats.moments(flat)):
+                    if not layer.is_activation:
+                        self.add("act", layer.row, values, float(n))
+            if any(layer.relu_after for layer, _ in group):
+                for (layer, _), mask in zip(group, stats.dead_units_rows(x, dim)):
+                    if layer.relu_after:
+                        self._activation_seen(layer.row, "relu", mask, n)
+            hist = [j for j, (layer, _) in enumerate(group) if self.options.activation_histograms and layer.params]
+            if hist:  # one copy of the group's samples; each row's part is its slice, shaped as `histogram_sample`'s
+                samples, lengths, _, _ = stats.histogram_samples([flat[j] for j in hist])  # (one size: in order)
+                runs = stats.sample_stride(n) is not None
+                for j, piece in zip(hist, samples.split(lengths)):
+                    self.add("act_hist_src", group[j][0].row, piece.view(-1, stats.SAMPLE_RUN) if runs else piece)
 
     def on_activation(self, layer: Layer, kind: str, out: torch.Tensor) -> None:
         """An activation of ``kind`` produced ``out`` from ``layer``'s output: its dead or saturated units."""
@@ -165,13 +222,17 @@ class StepProbe:
         at = self.images.get(layer.row)
         if at is not None and self.layout[at] == ("image", layer.row) and layer.row not in self.act_seen:
             self.parts[at] = stats.feature_grid(out, self.options.max_image_channels, kind=kind)
-        prev = self.act_seen.get(layer.row)
+        self._activation_seen(layer.row, kind, value, out.numel())
+
+    def _activation_seen(self, row: int, kind: str, value: torch.Tensor, numel: int) -> None:
+        prev = self.act_seen.get(row)
         if prev is not None and prev[0] == kind and prev[1].shape == value.shape:
             value = prev[1] & value if kind == "relu" else torch.maximum(prev[1], value)
-        self.act_seen[layer.row] = (kind, value, out.numel())
+        self.act_seen[row] = (kind, value, numel)
 
     def flush_activations(self) -> dict[int, str]:
         """Move the activation results into the step's parts; returns which activation consumes which row."""
+        self.flush_outputs()  # (at the forward's end normally; here too, should that not have run)
         for row, (kind, value, n) in self.act_seen.items():
             if kind == "relu":
                 # the per-unit mask itself goes to the host (a few bytes per unit): fractions and the
@@ -272,6 +333,30 @@ def grad_scale(scaler: Any, device: torch.device) -> torch.Tensor | None:
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor(float(scaler.get_scale()))
     return scale.to(device=device, dtype=torch.float32).reshape(())
+
+
+class StackBuffer:
+    """Memory kept for stacking a forward's small outputs (`StepProbe.flush_outputs`).
+
+    A fresh multi-megabyte CPU allocation costs page faults, several times the
+    copy itself; the stack is read within the flush only, so one buffer serves
+    every logging step.  On accelerators (caching allocators) a plain stack.
+    """
+
+    def __init__(self) -> None:
+        self._kept: torch.Tensor | None = None
+
+    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (of one shape) as one float32 ``[k, *shape]`` tensor, valid until the next call."""
+        shape = (len(tensors), *tensors[0].shape)
+        if tensors[0].device.type != "cpu":
+            return torch.stack(tensors).float()
+        n = math.prod(shape)
+        if self._kept is None or self._kept.numel() < n:
+            self._kept = torch.empty(n, dtype=torch.float32)
+        out = self._kept[:n].view(shape)
+        torch.stack(tensors, out=out)
+        return out
 
 
 class WeightCopies:

@@ -41,39 +41,65 @@ HISTOGRAM_SAMPLE = 1 << 12
 HISTOGRAM_SHARE_ERROR = 0.02
 
 def activation_stats(out: torch.Tensor) -> torch.Tensor | np.ndarray:
-    """``[mean, std, nonfinite count]`` of a layer output (float32, on its device).
+    """``[mean, std, nonfinite count]`` of a layer output (float32, on its device): `moments` of one."""
+    if out.numel() == 0:
+        return np.full(3, np.nan, dtype=np.float32) if out.device.type == "cpu" else \
+            torch.full((3,), float("nan"), device=out.device)
+    with torch.no_grad():
+        x = out.reshape(1, -1)
+        return moments(x if x.dtype == torch.float32 else x.float())[0]
 
-    The standard deviation is the population one (``correction=0``).  On CPUs
-    it is computed from one read for the sum and one for the sum of squares
-    (``E[x^2] - mean^2``), and recomputed in two passes (mean, then the norm
-    of the deviations) whenever ``|mean| > std``, where that difference would
-    cancel digits: the result stays within float32 rounding of the two-pass
-    value, at half its memory traffic; a one-pass Welford ``std_mean`` is an
-    order of magnitude slower on CPUs.  The NaN/Inf count is exact; on the CPU
-    it is skipped when the mean is finite, which proves there is no NaN or Inf
-    to count (reading a CPU value is no device synchronisation; on other
-    devices it is always counted).  On the CPU the values are on the host
-    already, so they come back as a numpy array: building a tensor for three
-    numbers costs more than both reductions on a small layer.
+
+def moments(x: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """``[k, 3]``: ``[mean, std, nonfinite count]`` of each row of a float32 ``[k, n]`` tensor, ``n > 0``.
+
+    The rows are layer outputs (one, or several of one size stacked: a deep
+    stack of small layers then costs a few reductions in all instead of a
+    few per layer; on a CPU the per-call overhead is most of a small layer's
+    cost).  The standard deviation is the population one (``correction=0``).
+    On CPUs it is computed from one read for the sum and one for the sum of
+    squares (``E[x^2] - mean^2``), and recomputed in two passes (mean, then
+    the norm of the deviations) for the rows where ``|mean| > std``, where
+    that difference would cancel digits: the result stays within float32
+    rounding of the two-pass value, at half its memory traffic; a one-pass
+    Welford ``std_mean`` is an order of magnitude slower on CPUs.  The
+    NaN/Inf count is exact; on the CPU it is counted only where the mean is
+    not finite (a finite mean proves there is none; reading a CPU value is no
+    device synchronisation; on other devices it is always counted).  On the
+    CPU the values are on the host already and come back as a numpy array.
     """
-    x = out.detach()
-    n = x.numel()
-    if n == 0:
-        return np.full(3, np.nan, dtype=np.float32) if x.device.type == "cpu" else \
-            torch.full((3,), float("nan"), device=x.device)
-    x32 = x.float() if x.dtype != torch.float32 else x
-    if x32.device.type == "cpu":  # few dispatches: per-op overhead dominates for small layers
-        m = float(x32.sum()) / n
-        if not math.isfinite(m):
-            return np.array([m, math.nan, float(n - int(torch.isfinite(x32).sum()))], dtype=np.float32)
-        var = float(torch.linalg.vector_norm(x32)) ** 2 / n - m * m
-        if var < m * m:
-            var = float(torch.linalg.vector_norm(x32 - m)) ** 2 / n
-        return np.array([m, math.sqrt(max(var, 0.0)), 0.0], dtype=np.float32)
-    mean = x32.mean()
-    std = torch.linalg.vector_norm(x32 - mean) / math.sqrt(n) if n > 1 else torch.zeros((), device=x.device)
-    nonfinite = (n - torch.isfinite(x32).sum()).to(torch.float32)
-    return torch.stack([mean, std, nonfinite]).float()
+    return _moments_cpu(x, x.shape[1]) if x.device.type == "cpu" else _moments(x, x.shape[1])
+
+
+def _moments_cpu(x: torch.Tensor, n: int) -> np.ndarray:
+    """`activation_stats_many` of the rows of a CPU ``[k, n]`` float32 tensor."""
+    m = x.sum(1).numpy().astype(np.float64) / n
+    out = np.zeros((len(m), 3), dtype=np.float64)
+    out[:, 0] = m
+    finite = np.isfinite(m)
+    if not finite.all():
+        bad = torch.from_numpy(np.flatnonzero(~finite))
+        out[~finite, 1] = np.nan
+        out[~finite, 2] = n - torch.isfinite(x[bad]).sum(1).numpy()
+    if finite.any():
+        ok = np.flatnonzero(finite)
+        xs = x if len(ok) == len(m) else x[torch.from_numpy(ok)]
+        var = torch.linalg.vector_norm(xs, dim=1).numpy().astype(np.float64) ** 2 / n - m[ok] ** 2
+        redo = var < m[ok] ** 2
+        if redo.any():  # cancellation: two passes for these rows
+            r = torch.from_numpy(np.flatnonzero(redo))
+            mean = torch.from_numpy(m[ok][redo].astype(np.float32))
+            var[redo] = torch.linalg.vector_norm(xs[r] - mean[:, None], dim=1).numpy().astype(np.float64) ** 2 / n
+        out[ok, 1] = np.sqrt(np.maximum(var, 0.0))
+    return out.astype(np.float32)
+
+
+def _moments(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`activation_stats_many` of the rows of a ``[k, n]`` float32 device tensor (two passes, no host reads)."""
+    mean = x.mean(1)
+    std = torch.linalg.vector_norm(x - mean[:, None], dim=1) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
+    nonfinite = (n - torch.isfinite(x).sum(1)).to(torch.float32)
+    return torch.stack([mean, std, nonfinite], dim=1)
 
 
 def unit_dim(shape: Sequence[int], channels_first: bool) -> int:
@@ -90,12 +116,14 @@ def dead_units(y: torch.Tensor, dim: int) -> torch.Tensor:
     not fired in three logged batches is dead with far more confidence than
     one silent over a single small batch.
     """
-    x = y.detach()
-    if x.dim() == 0:
-        x = x.reshape(1)
-    others = [d for d in range(x.dim()) if d != dim]
-    unit_max = x.amax(dim=others) if others else x
-    return unit_max <= 0
+    return dead_units_rows(y.detach().reshape(1, *y.shape) if y.dim() else y.detach().reshape(1, 1),
+                           dim if y.dim() else 0)[0]
+
+
+def dead_units_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`dead_units` of each of ``k`` outputs stacked as ``x`` (``[k, *shape]``): ``[k, units]``, one reduction."""
+    others = [d for d in range(1, x.dim()) if d != dim + 1]
+    return (x.amax(dim=others) if others else x) <= 0
 
 
 def saturated_fraction(y: torch.Tensor, kind: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import scenarios
 from tbdiag import DiagnosticWriter, stats, watcher
 from tbdiag.forward_tap import ForwardTap
+from tbdiag.probe import StepProbe
 from tbdiag.watcher import Watcher
 from test_writer import DropoutCNN
 
@@ -64,6 +65,7 @@ ENTRIES = [
     ("backward callback", (Watcher, "_after_backward"), 2, False),
     ("graph", (Watcher, "_log_graph"), 0, True),
     ("optimizer step hook", (stats, "norms"), 1, True),  # deep inside the parameter collection
+    ("forward hook", (StepProbe, "flush_outputs"), 2, True),  # the batch of small outputs, at the forward's end
 ]
 
 

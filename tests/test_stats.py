@@ -50,6 +50,36 @@ def test_activation_stats_and_nonfinite_counts():
     assert stats.nonfinite_counts([x, torch.ones(3)]).tolist() == [2.0, 0.0]
 
 
+def test_moments_of_stacked_outputs_match_each_output_in_float64():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 300, generator=g)
+    rows[1] = 1000.0 + 0.01 * rows[1]  # |mean| >> std: the one-pass variance would cancel every digit
+    rows[2, 7] = float("nan")
+    rows[3, :2] = float("inf")
+    rows[4] = 3.0  # constant
+    got = stats.moments(rows)
+    assert isinstance(got, np.ndarray) and got.shape == (5, 3)
+    for i in (0, 1, 4):
+        want = rows[i].double()
+        assert got[i, 0] == pytest.approx(float(want.mean()), rel=1e-6)
+        assert got[i, 1] == pytest.approx(float(want.std(correction=0)), rel=1e-3, abs=1e-6)
+        assert got[i, 2] == 0
+    assert np.isnan(got[2, 0]) and got[2, 2] == 1 and got[3, 2] == 2
+    for i, row in enumerate(rows):  # one output alone gives what it gives in a stack
+        np.testing.assert_allclose(stats.activation_stats(row), got[i], rtol=1e-6, equal_nan=True)
+
+
+def test_dead_units_of_stacked_outputs_match_each_output():
+    g = torch.Generator().manual_seed(0)
+    for shape, dim in (((8, 4, 5, 5), 1), ((16, 10), 1), ((6, 3, 12), 2), ((7,), 0)):
+        ys = torch.randn(3, *shape, generator=g) - 0.8
+        masks = stats.dead_units_rows(ys, dim)
+        for y, mask in zip(ys, masks):
+            assert torch.equal(mask, stats.dead_units(y, dim)), (shape, dim)
+            want = y.amax(dim=[d for d in range(y.dim()) if d != dim]) <= 0 if y.dim() > 1 else y <= 0
+            assert torch.equal(mask, want), (shape, dim)
+
+
 def test_norms_match_torch():
     ts = [torch.randn(3, 4), torch.randn(7)]
     assert stats.norms(ts).tolist() == pytest.approx([float(t.norm()) for t in ts], rel=1e-6)
