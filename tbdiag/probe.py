@@ -168,7 +168,7 @@ class StepProbe:
         if not layer.is_activation:
             self.add("act", row, stats.activation_stats(out), float(out.numel()))
         if self.options.activation_histograms and layer.params:
-            self.add("act_hist_src", row, stats.histogram_sample(out))
+            self.add("act_hist_src", [row], stats.histogram_sample(out).reshape(1, -1))
         if small and not self.batch:  # measured now; whether an in-place op changes it later is seen at the end
             self.held.append((layer, out.detach(), out._version, True))
         if self.options.images and layer.is_conv and out.dim() >= 3 and len(self.images) < self.options.max_image_layers:
@@ -207,11 +207,9 @@ class StepProbe:
                     if layer.relu_after:
                         self._activation_seen(layer.row, "relu", mask, n)
             hist = [j for j, (layer, _) in enumerate(group) if self.options.activation_histograms and layer.params]
-            if hist:  # one copy of the group's samples; each row's part is its slice, shaped as `histogram_sample`'s
-                samples, lengths, _, _ = stats.histogram_samples([flat[j] for j in hist])  # (one size: in order)
-                runs = stats.sample_stride(n) is not None
-                for j, piece in zip(hist, samples.split(lengths)):
-                    self.add("act_hist_src", group[j][0].row, piece.view(-1, stats.SAMPLE_RUN) if runs else piece)
+            if hist:  # the group's samples in one copy (the stack is overwritten by the next group's)
+                self.add("act_hist_src", [group[j][0].row for j in hist],
+                         stats.histogram_sample_rows(flat if len(hist) == len(group) else flat[hist]))
 
     def on_activation(self, layer: Layer, kind: str, out: torch.Tensor) -> None:
         """An activation of ``kind`` produced ``out`` from ``layer``'s output: its dead or saturated units."""
@@ -267,10 +265,13 @@ class StepProbe:
                     if kind == "g_hist" and unscale is not None:
                         flat = flat / unscale
                     self._add_histograms(kind, [keys[i] for i in order], flat, lengths, scales)
-        act_src = [(key, t) for (kind, key), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
+        # layer outputs' samples: [k, length] blocks of k rows each; counted as sampled (scale 1)
+        act_src = [(rows, t) for (kind, rows), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
         if act_src:
-            flat, lengths, scales, order = stats.histogram_samples([t for _, t in act_src], sampled=True)
-            self._add_histograms("a_hist", [act_src[i][0] for i in order], flat, lengths, scales)
+            rows = [row for block_rows, _ in act_src for row in block_rows]
+            lengths = [t.shape[1] for _, t in act_src for _ in range(t.shape[0])]
+            flat = torch.cat([t.reshape(-1) for _, t in act_src])
+            self._add_histograms("a_hist", rows, flat, lengths, [1.0] * len(rows))
 
     def _add_histograms(self, kind: str, keys: list, flat: torch.Tensor, lengths: list[int],
                         scales: list[float]) -> None:

@@ -201,9 +201,25 @@ def histogram_sample(t: torch.Tensor) -> torch.Tensor:
     return _sample_view(t.detach()).to(torch.float32, copy=True)
 
 
-def histogram_samples(
-    tensors: Sequence[torch.Tensor], sampled: bool = False
-) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
+def histogram_sample_rows(x: torch.Tensor) -> torch.Tensor:
+    """`histogram_sample` of each row of a ``[k, n]`` tensor (outputs of one size, stacked), in one copy.
+
+    Returns float32 ``[k, length]``: the rows' samples side by side, taken
+    through one strided view of all rows (the same elements `histogram_sample`
+    takes from each row alone), not a view and a copy per row.
+    """
+    k, n = x.shape
+    step = sample_stride(n)
+    if step is None:
+        return x.to(torch.float32, copy=True)
+    x = x.contiguous()
+    runs = HISTOGRAM_SAMPLE // SAMPLE_RUN
+    out = torch.empty((k, runs * SAMPLE_RUN), dtype=torch.float32, device=x.device)
+    out.view(k, runs, SAMPLE_RUN).copy_(x.as_strided((k, runs, SAMPLE_RUN), (n, step, 1), x.storage_offset()))
+    return out
+
+
+def histogram_samples(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
     """The values each tensor's histogram is binned from, for many tensors, in one float32 device buffer.
 
     Returns ``(flat, lengths, scales, order)``: the concatenated samples (all
@@ -213,15 +229,14 @@ def histogram_samples(
     come first, then the small ones, so that each group is one ``cat``
     (a copy per tensor costs a dispatch each; two copies in all cost two).
     Lengths and scales come from shapes alone, so they are known on the host
-    without reading the device.  With ``sampled=True`` the tensors are
-    already samples (`histogram_sample`).  Bin with `host_histograms` once
+    without reading the device.  Bin with `host_histograms` once
     ``flat`` is on the host: the device does two gathering copies and no
     reductions.
     """
     if not tensors:
         return torch.zeros(0), [], [], []
     with torch.no_grad():  # (rather than a detach per tensor)
-        return _gather_samples(tensors, tensors if sampled else [_sample_view(t) for t in tensors])
+        return _gather_samples(tensors, [_sample_view(t) for t in tensors])
 
 
 def _gather_samples(tensors: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]

@@ -125,10 +125,21 @@ def test_histogram_samples_say_which_tensor_each_sample_is():
     for i, piece, n, scale in zip(order, flat.split(lengths), lengths, scales):
         assert torch.all(piece == float(i)), i
         assert n == min(sizes[i], stats.HISTOGRAM_SAMPLE) and scale == pytest.approx(sizes[i] / n)
-    # already-sampled tensors (what the forward hooks keep) go through unchanged
-    samples = [stats.histogram_sample(t) for t in tensors]
-    again, lengths2, _, order2 = stats.histogram_samples(samples, sampled=True)
-    assert order2 == order and lengths2 == lengths and torch.equal(again, flat)
+    # each tensor's own sample is the piece gathered for it
+    for i, piece in zip(order, flat.split(lengths)):
+        assert torch.equal(stats.histogram_sample(tensors[i]).reshape(-1), piece)
+
+
+def test_samples_of_stacked_rows_are_each_rows_own_sample():
+    g = torch.Generator().manual_seed(0)
+    for n in (300, stats.HISTOGRAM_SAMPLE, 19_840, 50_001):
+        x = torch.randn(5, n, generator=g)
+        rows = stats.histogram_sample_rows(x)
+        assert rows.shape == (5, min(n, stats.HISTOGRAM_SAMPLE))
+        for row, got in zip(x, rows):
+            assert torch.equal(got, stats.histogram_sample(row).reshape(-1)), n
+        x[0, 0] = 123.0
+        assert rows[0, 0] != 123.0, "a copy: the stack it came from is reused"
 
 
 def test_histogram_sample_is_a_copy():
