@@ -72,30 +72,28 @@ def moments(x: torch.Tensor) -> torch.Tensor | np.ndarray:
 
 
 def _moments_cpu(x: torch.Tensor, n: int) -> np.ndarray:
-    """`activation_stats_many` of the rows of a CPU ``[k, n]`` float32 tensor."""
+    """`moments` of the rows of a CPU ``[k, n]`` float32 tensor: one read for the sums, one for the squares."""
     m = x.sum(1).numpy().astype(np.float64) / n
-    out = np.zeros((len(m), 3), dtype=np.float64)
-    out[:, 0] = m
     finite = np.isfinite(m)
-    if not finite.all():
-        bad = torch.from_numpy(np.flatnonzero(~finite))
-        out[~finite, 1] = np.nan
-        out[~finite, 2] = n - torch.isfinite(x[bad]).sum(1).numpy()
-    if finite.any():
-        ok = np.flatnonzero(finite)
-        xs = x if len(ok) == len(m) else x[torch.from_numpy(ok)]
-        var = torch.linalg.vector_norm(xs, dim=1).numpy().astype(np.float64) ** 2 / n - m[ok] ** 2
-        redo = var < m[ok] ** 2
-        if redo.any():  # cancellation: two passes for these rows
-            r = torch.from_numpy(np.flatnonzero(redo))
-            mean = torch.from_numpy(m[ok][redo].astype(np.float32))
-            var[redo] = torch.linalg.vector_norm(xs[r] - mean[:, None], dim=1).numpy().astype(np.float64) ** 2 / n
-        out[ok, 1] = np.sqrt(np.maximum(var, 0.0))
-    return out.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # (rows with NaN/Inf: replaced below)
+        var = torch.linalg.vector_norm(x, dim=1).numpy().astype(np.float64) ** 2 / n - m * m
+        redo = finite & (var < m * m)
+    if redo.any():  # cancellation: two passes for these rows
+        r = np.flatnonzero(redo)
+        mean = torch.from_numpy(m[r].astype(np.float32))
+        var[r] = torch.linalg.vector_norm(x[torch.from_numpy(r)] - mean[:, None], dim=1).numpy() ** 2 / n
+    out = np.zeros((len(m), 3), dtype=np.float32)
+    out[:, 0] = m
+    out[:, 1] = np.sqrt(np.maximum(var, 0.0))
+    if not finite.all():  # NaN/Inf: counted where the mean says there are some
+        bad = np.flatnonzero(~finite)
+        out[bad, 1] = np.nan
+        out[bad, 2] = n - torch.isfinite(x[torch.from_numpy(bad)]).sum(1).numpy()
+    return out
 
 
 def _moments(x: torch.Tensor, n: int) -> torch.Tensor:
-    """`activation_stats_many` of the rows of a ``[k, n]`` float32 device tensor (two passes, no host reads)."""
+    """`moments` of the rows of a ``[k, n]`` float32 device tensor (two passes, no host reads)."""
     mean = x.mean(1)
     std = torch.linalg.vector_norm(x - mean[:, None], dim=1) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
     nonfinite = (n - torch.isfinite(x).sum(1)).to(torch.float32)
