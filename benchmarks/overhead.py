@@ -60,6 +60,7 @@ import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -290,11 +291,56 @@ class WandbWatch(Config):
         self.run.log({"train/loss": loss}, step=self.step)
 
     def drain(self) -> None:
-        pass  # wandb writes from its own service process, which this process cannot wait for
+        """Wait until wandb's service processes have gone quiet: what they still do lands on the next block.
+
+        wandb hands each logged step to a thread of its own in this process, which sends it to its service
+        process (``wandb-core``), which serialises and writes it; both run after ``log()`` returns, on
+        another core, and so hold up the next configuration's block (its writer thread finds the core
+        taken, the GIL held).  Their CPU time is read from ``/proc/.../task/*/schedstat`` (nanoseconds):
+        quiet is three 1 ms windows in a row in which this process's other threads and its child processes
+        used under 10% of a core.  Without ``/proc`` (not Linux) nothing is waited for.
+        """
+        deadline = time.perf_counter() + 10.0
+        quiet, before = 0, _background_cpu_ns()
+        while before is not None and quiet < 3 and time.perf_counter() < deadline:
+            time.sleep(0.001)
+            now = _background_cpu_ns()
+            if now is None:
+                return
+            quiet = quiet + 1 if now - before < 100_000 else 0
+            before = now
 
     def close(self) -> None:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             self.run.finish(quiet=True) if _wandb_finish_has_quiet() else self.run.finish()
+
+
+def _background_cpu_ns() -> int | None:
+    """CPU time used so far by this process's other threads and its child processes, or None without /proc."""
+    me, this = os.getpid(), str(threading.get_native_id())
+    threads: list[str] = []
+    pids: set[str] = set()
+    try:
+        for task in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{task}/children") as f:
+                pids.update(f.read().split())
+            if task != this:
+                threads.append(f"/proc/{me}/task/{task}")
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            threads += [f"/proc/{pid}/task/{task}" for task in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue  # exited meanwhile
+    total = 0
+    for task in threads:
+        try:
+            with open(f"{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def _wandb_has_reinit_modes() -> bool:
@@ -699,12 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     aa = max(abs(r.overhead["A/A"]) for r in results)
     print(f"\nA/A noise floor (largest |A/A| above): {aa * 100:.1f}%. Overhead = median over {args.rounds} rounds of "
           "block time / baseline block time - 1; a block is timed from its first step to the end of its drain "
-          "(writer flushed, garbage collected), nothing untimed between blocks. tbdiag/peer = ratio of overheads "
+          "(writer flushed, wandb's service idle, garbage collected), nothing untimed between blocks. tbdiag/peer = ratio of overheads "
           "(n/a where the peer is within the A/A noise).")
     print("Per logged step, against the baseline's steps at the same positions: logging step = median of the "
           "logging steps - the baseline's median there; other steps = the block's non-logging steps' summed excess; "
           "drain = the block-end drain's excess; total = the whole block's excess; each per logging step in the "
-          "block, median over rounds (medians do not add up exactly). wandb's service process is not drained. "
+          "block, median over rounds (medians do not add up exactly). "
           "The pass ratios use the logging step above and the passes measured in this run (full pass: parameters, "
           "gradients and every leaf module output of one forward).")
     for n in notes:
