@@ -26,8 +26,9 @@ from .modelinfo import macs_of
 
 #: Layer outputs of up to this many elements are measured together, in one batch of reductions at the end
 #: of the forward (`StepProbe.flush_outputs`): for a small layer the per-call overhead of its reductions
-#: is most of its cost, and a batch pays it once per output size rather than once per layer.
-BATCH_NUMEL = 1 << 16
+#: is most of its cost, and a batch pays it once per output size rather than once per layer.  Larger
+#: outputs are cheaper reduced in their hook, still in cache, than copied into the batch's stack.
+BATCH_NUMEL = 1 << 15
 #: At most this many outputs wait for their batch (`BATCH_NUMEL` each: the memory they keep alive is bounded).
 BATCH_COUNT = 64
 

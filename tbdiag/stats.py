@@ -42,12 +42,12 @@ HISTOGRAM_SHARE_ERROR = 0.02
 
 def activation_stats(out: torch.Tensor) -> torch.Tensor | np.ndarray:
     """``[mean, std, nonfinite count]`` of a layer output (float32, on its device): `moments` of one."""
-    if out.numel() == 0:
-        return np.full(3, np.nan, dtype=np.float32) if out.device.type == "cpu" else \
-            torch.full((3,), float("nan"), device=out.device)
-    with torch.no_grad():
-        x = out.reshape(1, -1)
-        return moments(x if x.dtype == torch.float32 else x.float())[0]
+    x = out.detach()
+    if x.numel() == 0:
+        return np.full(3, np.nan, dtype=np.float32) if x.device.type == "cpu" else \
+            torch.full((3,), float("nan"), device=x.device)
+    x = x if x.dtype == torch.float32 else x.float()
+    return _moments_one_cpu(x, x.numel()) if x.device.type == "cpu" else _moments(x.reshape(1, -1), x.numel())[0]
 
 
 def moments(x: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -68,7 +68,21 @@ def moments(x: torch.Tensor) -> torch.Tensor | np.ndarray:
     device synchronisation; on other devices it is always counted).  On the
     CPU the values are on the host already and come back as a numpy array.
     """
-    return _moments_cpu(x, x.shape[1]) if x.device.type == "cpu" else _moments(x, x.shape[1])
+    if x.device.type != "cpu":
+        return _moments(x, x.shape[1])
+    return _moments_one_cpu(x[0], x.shape[1])[None] if x.shape[0] == 1 else _moments_cpu(x, x.shape[1])
+
+
+def _moments_one_cpu(x: torch.Tensor, n: int) -> np.ndarray:
+    """`_moments_cpu` of one output, the same steps on Python floats: for one small layer numpy's per-call
+    overhead would cost more than its two reductions."""
+    m = float(x.sum()) / n
+    if not math.isfinite(m):
+        return np.array([m, math.nan, n - int(torch.isfinite(x).sum())], dtype=np.float32)
+    var = float(torch.linalg.vector_norm(x)) ** 2 / n - m * m
+    if var < m * m:  # cancellation: two passes
+        var = float(torch.linalg.vector_norm(x - m)) ** 2 / n
+    return np.array([m, math.sqrt(max(var, 0.0)), 0.0], dtype=np.float32)
 
 
 def _moments_cpu(x: torch.Tensor, n: int) -> np.ndarray:
@@ -114,14 +128,27 @@ def dead_units(y: torch.Tensor, dim: int) -> torch.Tensor:
     not fired in three logged batches is dead with far more confidence than
     one silent over a single small batch.
     """
-    return dead_units_rows(y.detach().reshape(1, *y.shape) if y.dim() else y.detach().reshape(1, 1),
-                           dim if y.dim() else 0)[0]
+    x = y.detach()
+    return _never_fired(x, dim) if x.dim() else _never_fired(x.reshape(1), 0)
 
 
 def dead_units_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """`dead_units` of each of ``k`` outputs stacked as ``x`` (``[k, *shape]``): ``[k, units]``, one reduction."""
-    others = [d for d in range(1, x.dim()) if d != dim + 1]
-    return (x.amax(dim=others) if others else x) <= 0
+    """`dead_units` of each of ``k`` outputs stacked as ``x`` (``[k, *shape]``): ``[k, units]``."""
+    return _never_fired(x, dim + 1, first=1)
+
+
+def _never_fired(x: torch.Tensor, unit: int, first: int = 0) -> torch.Tensor:
+    """True per unit (axis ``unit``) where no element is > 0: the maximum over the axes from ``first`` on.
+
+    The axes after the units go first (a contiguous reduction), then those
+    before: on ``[N, C, H, W]`` two such reductions cost half of one over
+    ``(0, 2, 3)`` at once, which strides through memory.
+    """
+    if x.dim() > unit + 1:
+        x = x.amax(dim=list(range(unit + 1, x.dim())))
+    if unit > first:
+        x = x.amax(dim=list(range(first, unit)))
+    return x <= 0
 
 
 def saturated_fraction(y: torch.Tensor, kind: str) -> torch.Tensor:
