@@ -67,6 +67,10 @@ def test_moments_of_stacked_outputs_match_each_output_in_float64():
     assert np.isnan(got[2, 0]) and got[2, 2] == 1 and got[3, 2] == 2
     for i, row in enumerate(rows):  # one output alone gives what it gives in a stack
         np.testing.assert_allclose(stats.activation_stats(row), got[i], rtol=1e-6, equal_nan=True)
+    # the accelerator formula (two passes, every count on the device), run here on the CPU
+    device = stats._moments(rows, rows.shape[1]).numpy()
+    np.testing.assert_allclose(device[[0, 1, 4]], got[[0, 1, 4]], rtol=1e-4, atol=1e-6)
+    assert device[2, 2] == 1 and device[3, 2] == 2 and device[[0, 1, 4], 2].tolist() == [0, 0, 0]
 
 
 def test_dead_units_of_stacked_outputs_match_each_output():
@@ -167,3 +171,17 @@ def test_statistics_do_not_modify_inputs():
     before = x.clone()
     stats.dead_units(x, 1), stats.activation_stats(x), stats.histogram_samples([x]), stats.feature_grid(x)
     assert torch.equal(x, before)
+
+
+def test_the_stack_buffer_reuses_its_memory_on_the_cpu_only():
+    from tbdiag.probe import StackBuffer
+
+    buffer = StackBuffer()
+    a = [torch.randn(4, 5, dtype=torch.bfloat16) for _ in range(3)]
+    first = buffer.stack(a)
+    assert first.dtype == torch.float32 and first.shape == (3, 4, 5)
+    assert torch.equal(first, torch.stack(a).float())
+    second = buffer.stack([torch.ones(2, 5)])  # smaller: the same memory
+    assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    on_meta = buffer.stack([torch.empty(4, 5, device="meta", dtype=torch.float16)] * 2)  # other devices: a plain stack
+    assert on_meta.device.type == "meta" and on_meta.dtype == torch.float32 and on_meta.shape == (2, 4, 5)
