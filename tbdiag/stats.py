@@ -215,7 +215,16 @@ def _sample_view(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1)
     if not t.is_contiguous():
         t = t.reshape(-1)  # (a copy: the strides below index the elements in row-major order)
-    return t.as_strided((HISTOGRAM_SAMPLE // SAMPLE_RUN, SAMPLE_RUN), (step, 1), t.storage_offset())
+    return _runs(t, step)
+
+
+def _runs(x: torch.Tensor, step: int, rows: bool = False) -> torch.Tensor:
+    """The sampled runs of a contiguous tensor, a strided ``[runs, SAMPLE_RUN]`` view; with ``rows``, those
+    of each row of a contiguous ``[k, n]`` tensor, ``[k, runs, SAMPLE_RUN]``."""
+    shape, strides = (HISTOGRAM_SAMPLE // SAMPLE_RUN, SAMPLE_RUN), (step, 1)
+    if rows:
+        shape, strides = (x.shape[0], *shape), (x.shape[1], *strides)
+    return x.as_strided(shape, strides, x.storage_offset())
 
 
 def histogram_sample(t: torch.Tensor) -> torch.Tensor:
@@ -237,10 +246,8 @@ def histogram_sample_rows(x: torch.Tensor) -> torch.Tensor:
     step = sample_stride(n)
     if step is None:
         return x.to(torch.float32, copy=True)
-    x = x.contiguous()
-    runs = HISTOGRAM_SAMPLE // SAMPLE_RUN
-    out = torch.empty((k, runs * SAMPLE_RUN), dtype=torch.float32, device=x.device)
-    out.view(k, runs, SAMPLE_RUN).copy_(x.as_strided((k, runs, SAMPLE_RUN), (n, step, 1), x.storage_offset()))
+    out = torch.empty((k, HISTOGRAM_SAMPLE), dtype=torch.float32, device=x.device)
+    out.view(k, -1, SAMPLE_RUN).copy_(_runs(x.contiguous(), step, rows=True))
     return out
 
 
@@ -261,25 +268,19 @@ def histogram_samples(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, li
     if not tensors:
         return torch.zeros(0), [], [], []
     with torch.no_grad():  # (rather than a detach per tensor)
-        return _gather_samples(tensors, [_sample_view(t) for t in tensors])
-
-
-def _gather_samples(tensors: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
-                    ) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
-    """`histogram_samples` from each tensor's sample (a strided view or the tensor itself): two copies."""
-    is_runs = [f.dim() == 2 and f.shape[1] == SAMPLE_RUN for f in sources]  # [runs, SAMPLE_RUN] samples
-    runs = [i for i, r in enumerate(is_runs) if r]
-    whole = [i for i, r in enumerate(is_runs) if not r]
-    order = runs + whole
-    lengths = [sources[i].numel() for i in order]
-    scales = [tensors[i].numel() / max(1, n) for i, n in zip(order, lengths)]
-    n_runs = sum(lengths[: len(runs)])
-    out = torch.empty(sum(lengths), dtype=torch.float32, device=tensors[0].device)
-    if runs:
-        torch.cat([sources[i] for i in runs], out=out[:n_runs].view(-1, SAMPLE_RUN))
-    if whole:
-        torch.cat([sources[i].reshape(-1) for i in whole], out=out[n_runs:])
-    return out, lengths, scales, order
+        sources = [_sample_view(t) for t in tensors]  # [runs, SAMPLE_RUN] views of sampled tensors, else flat
+        runs = [i for i, f in enumerate(sources) if f.dim() == 2]
+        whole = [i for i, f in enumerate(sources) if f.dim() == 1]
+        order = runs + whole
+        lengths = [sources[i].numel() for i in order]
+        scales = [tensors[i].numel() / max(1, n) for i, n in zip(order, lengths)]
+        n_runs = sum(lengths[: len(runs)])
+        out = torch.empty(sum(lengths), dtype=torch.float32, device=tensors[0].device)
+        if runs:
+            torch.cat([sources[i] for i in runs], out=out[:n_runs].view(-1, SAMPLE_RUN))
+        if whole:
+            torch.cat([sources[i] for i in whole], out=out[n_runs:])
+        return out, lengths, scales, order
 
 
 #: Samples binned together by `host_histograms`: temporaries of a few hundred KiB stay in the CPU's cache,
