@@ -500,7 +500,7 @@ def tbdiag_event_bytes(logdir: str) -> tuple[int, int]:
     """(bytes of tbdiag's per-step records besides histograms/images/graph/table, logged steps)."""
     from tensorboard.compat.proto import event_pb2
 
-    from tbdiag import schema
+    from tbdiag.contract import schema
 
     total, steps = 0, set()
     for root, _, files in os.walk(logdir):
@@ -696,7 +696,7 @@ def _markdown(head: list[str], rows: list[list[str]], out) -> None:
 
 def _crc_status() -> str:
     try:
-        from tbdiag import recordio
+        from tbdiag.summary import recordio
     except ImportError:
         return "tbdiag record writer: TensorBoard's"
     return f"tbdiag record writer: {recordio.describe()}"

@@ -29,7 +29,7 @@ import numpy as np
 def write_run(logdir: str, layers: int, steps: int, log_every: int = 10) -> list[str]:
     from torch.utils.tensorboard import SummaryWriter
 
-    from tbdiag import schema
+    from tbdiag.contract import schema
 
     rng = np.random.default_rng(0)
     names = [f"blocks.{i // 4}.{['conv', 'bn', 'fc1', 'fc2'][i % 4]}" for i in range(layers)]

@@ -20,7 +20,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from seed_cnn import Net, synthetic_cifar
 
 from tbdiag import DiagnosticWriter

@@ -23,7 +23,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from seed_cnn import Net
 
 from tbdiag import DiagnosticWriter

@@ -25,9 +25,8 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
-
 from seed_cnn import Net, synthetic_cifar
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from tbdiag import DiagnosticWriter
 from tbdiag.cli import main as tbdiag_main

@@ -24,7 +24,8 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from tbdiag import rules, schema
+from tbdiag import rules
+from tbdiag.contract import schema
 
 from . import payloads, query
 from .evaluation_payload import evaluation_payload

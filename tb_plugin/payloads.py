@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from tbdiag import checks, rules, schema, statistics
-from tbdiag.rundata import RunData, json_number
+from tbdiag import rules
+from tbdiag.contract import schema, statistics
+from tbdiag.contract.rundata import RunData, json_number
+from tbdiag.rules import evaluator
 
 from .query import BadRequest
 from .run_source import RunView
@@ -76,7 +78,7 @@ def summary(findings: Sequence[rules.Finding]) -> list[dict[str, Any]]:
         by_issue.setdefault(f.issue, []).append(f)
     out = []
     for issue, group in by_issue.items():
-        severity = checks.worst(group) or "info"
+        severity = evaluator.worst(group) or "info"
         layers = [f.layer for f in group if f.layer is not None]
         out.append({
             "issue": issue,
@@ -99,7 +101,7 @@ def findings_payload(view: RunView) -> dict[str, Any]:
         "findings": [f.to_json() for f in findings],
         "summary": summary(findings),
         "severity_counts": {s: counts.get(s, 0) for s in reversed(rules.SEVERITIES)},
-        "worst": checks.worst(findings),
+        "worst": evaluator.worst(findings),
         "steps": _steps_info(data),
         "layer_count": len(data.table.layers),
     }
@@ -167,7 +169,7 @@ def layers_payload(view: RunView, step: int | None) -> dict[str, Any]:
             "output_shape": info.output_shape,
             "stats": dict(zip(schema.COLUMNS, row_stats)),
             "flags": [_flag_json(f, at) for f in own],
-            "worst": checks.worst([f for f in own if f.holds_at(at)]),
+            "worst": evaluator.worst([f for f in own if f.holds_at(at)]),
         })
     return {
         "run": data.name,
@@ -239,7 +241,7 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
         "min": packed["min"],
         "max": packed["max"],
         "flagged": {
-            name: {"worst": checks.worst(fs), "issues": sorted({f.issue for f in fs}),
+            name: {"worst": evaluator.worst(fs), "issues": sorted({f.issue for f in fs}),
                    "first_step": min(f.first_step for f in fs)}
             for name, fs in flags.items()
         },

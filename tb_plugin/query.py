@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from tbdiag import rules, schema
+from tbdiag import rules
+from tbdiag.contract import schema
 
 #: Query parameter that overrides a rule's threshold: ``threshold=dead_relu=0.7``
 #: (repeatable), the same ``RULE[.param]=NUMBER`` syntax as ``tbdiag report --threshold``.

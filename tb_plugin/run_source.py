@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 from tensorboard.data import provider
 
-from tbdiag import checks, evaluation, rules, schema
-from tbdiag.evaluation import Evaluation
-from tbdiag.rundata import RunData, is_loss_tag
-from tbdiag.throughput_checks import is_perf_tag
+from tbdiag import rules
+from tbdiag.contract import evaluation, schema
+from tbdiag.contract.evaluation import Evaluation
+from tbdiag.contract.rundata import RunData, is_loss_tag
+from tbdiag.rules import evaluator
+from tbdiag.rules.throughput import is_perf_tag
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ class RunSource:
             key = thresholds_key(thresholds)
             found = entry.findings.get(key)
             if found is None:
-                found = checks.evaluate(entry.data, thresholds)
+                found = evaluator.evaluate(entry.data, thresholds)
                 if len(entry.findings) >= 16:  # a user trying many thresholds: keep memory bounded
                     entry.findings.pop(next(iter(entry.findings)))
                 entry.findings[key] = found

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tbdiag import rules
-from tbdiag.rundata import RunData
+from tbdiag.contract.rundata import RunData
 
 
 def _largest(data: RunData, statistic: str) -> np.ndarray:

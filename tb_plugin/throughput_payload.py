@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from tbdiag import rules
-from tbdiag.rundata import json_number
-from tbdiag.throughput_checks import INPUT_WAIT_TAG, PERF_TAGS
+from tbdiag.contract.rundata import json_number
+from tbdiag.rules.throughput import INPUT_WAIT_TAG, PERF_TAGS
 
 from .run_source import RunView
 

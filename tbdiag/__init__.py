@@ -12,9 +12,9 @@ first use of `DiagnosticWriter`.
 
 from typing import TYPE_CHECKING, Any
 
-from .report import report
-from .live import TrainingHealthError
-from .rules import RULES, Finding
+from .read.report import report
+from .rules.table import RULES, Finding
+from .watch.live import TrainingHealthError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .writer import DiagnosticWriter

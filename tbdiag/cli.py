@@ -8,8 +8,8 @@ import warnings
 from typing import Sequence
 
 from . import rules
-from .reader import NoDataError, load_logdir
-from .report import findings_for, render_json, render_text
+from .read.reader import NoDataError, load_logdir
+from .read.report import findings_for, render_json, render_text
 
 
 def _parser() -> argparse.ArgumentParser:

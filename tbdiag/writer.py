@@ -21,15 +21,16 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from . import distributed, images, recordio, schema, stats
-from .assembly import StepRecord
-from .live import LiveMonitor
-from .rules import Finding
-from .histogram_summary import histogram_summary
-from .throughput import TimedLoader
-from .watcher import Watcher
-from .modelinfo import summary_markdown
-from . import confusion_image, evaluation, evaluation_inputs
+from .contract import evaluation, schema
+from .measure import distributed, stats
+from .measure.modelinfo import summary_markdown
+from .rules.table import Finding
+from .summary import confusion_image, evaluation_inputs, images, recordio
+from .summary.assembly import StepRecord
+from .summary.histograms import histogram_summary
+from .watch.live import LiveMonitor
+from .watch.timing import TimedLoader
+from .watch.watcher import Watcher
 
 SUMMARY_TAG = "tbdiag/model_summary"
 
@@ -52,7 +53,7 @@ class DiagnosticWriter(SummaryWriter):
     global batch, the other ranks write nothing (their ``add_*`` calls are
     dropped, so a loss logged on every rank is logged once).  With
     ``per_rank=True`` each rank writes its own run, ``<log_dir>/rank<r>``,
-    with its local statistics.  See `tbdiag.distributed`.
+    with its local statistics.  See `tbdiag.measure.distributed`.
 
     ``writer.add_evaluation("val", targets, logits, epoch)`` records a
     classifier's evaluation (confusion matrix, per-class precision, recall,
@@ -82,7 +83,7 @@ class DiagnosticWriter(SummaryWriter):
     def _get_file_writer(self):
         """The event file writer, with TensorBoard's record writer swapped for one with a C CRC32C.
 
-        Same bytes on disk (`tbdiag.recordio`); unchanged when no C CRC32C package is installed.
+        Same bytes on disk (`tbdiag.summary.recordio`); unchanged when no C CRC32C package is installed.
         """
         if self.rank is not None and not self.rank.writes:
             if self.file_writer is None:  # this rank writes no event files: rank 0 writes the run
@@ -164,7 +165,7 @@ class DiagnosticWriter(SummaryWriter):
         With ``on_finding`` or ``stop_on`` the rules run on the run so far at
         every logging step (losses logged through this writer included), and
         an error-level finding prints a one-line warning when it starts.
-        Without them, NaN/Inf found by the per-step sentinel (`tbdiag.sentinel`)
+        Without them, NaN/Inf found by the per-step sentinel (`tbdiag.watch.sentinel`)
         still prints one warning.
 
         The model may be wrapped (DDP, ``torch.compile``): hooks go on the
@@ -337,7 +338,7 @@ class DiagnosticWriter(SummaryWriter):
         self._enqueue(lambda: (self._add(summary, 0), self.add_text(SUMMARY_TAG, text, 0)))
 
     def write_graph(self, events: Sequence[event_pb2.Event]) -> None:
-        """Write the events that put the model graph in the Graphs tab (see `tbdiag.graph`)."""
+        """Write the events that put the model graph in the Graphs tab (see `tbdiag.measure.graph`)."""
         self._enqueue(lambda: [self._get_file_writer().add_event(event) for event in events])
 
     def _add(self, summary: summary_pb2.Summary, step: int) -> None:

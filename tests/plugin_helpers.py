@@ -135,7 +135,7 @@ def write_long_run(logdir: str, *, logged_steps: int, log_every: int, layers: in
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from tbdiag import schema
+    from tbdiag.contract import schema
 
     rng = np.random.default_rng(0)
     col = schema.COLUMN_INDEX
@@ -189,7 +189,7 @@ def write_recovering_run(logdir: str) -> dict:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from tbdiag import schema
+    from tbdiag.contract import schema
 
     log_every, logged = 10, 16
     names = ["stem", "block1", "block2", "head"]
@@ -246,14 +246,15 @@ def get_json(url: str, timeout: float = 30.0) -> tuple[int, dict]:
 class TensorBoardProcess:
     """A real ``tensorboard`` process on 127.0.0.1 and a free port, stopped on exit."""
 
-    def __init__(self, logdir: str, *, load_fast: bool, workdir: str, reload_interval: int = 2):
+    def __init__(self, logdir: str, *, load_fast: bool, workdir: str, reload_interval: int = 2,
+                 python: str = sys.executable):
         self.logdir = logdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, f"tensorboard-{self.port}.log")
         # run from workdir: a stale *.egg-info in the repository root must not shadow the installed entry points
         self._cmd = [
-            sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
+            python, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
             "--port", str(self.port), "--load_fast", "true" if load_fast else "false",
             "--reload_interval", str(reload_interval),
         ]

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from tbdiag import schema
-from tbdiag.assembly import Assembler, ParamLayout, remap_rows
+from tbdiag.contract import schema
+from tbdiag.summary.assembly import Assembler, ParamLayout, remap_rows
 
 COL = schema.COLUMN_INDEX
 LAYERS = ["conv", "relu", "fc"]  # "relu" has no parameters

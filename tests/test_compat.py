@@ -26,9 +26,9 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from torch import nn
 
 import tbdiag
-import tbdiag.shield
+import tbdiag.watch.shield
 from tbdiag import DiagnosticWriter, cli
-from tbdiag.reader import load_logdir
+from tbdiag.read.reader import load_logdir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,7 +81,7 @@ def _train_watched_and_twin(tmp_path, model: nn.Module, twin: nn.Module, fit) ->
     return caught
 
 
-def _run(logdir) -> "tbdiag.rundata.RunData":
+def _run(logdir) -> "tbdiag.contract.rundata.RunData":
     (run,) = load_logdir(str(logdir))
     return run
 
@@ -597,7 +597,7 @@ def test_watch_failing_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
     x, y = _data()
     _fit(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9), x, y, steps=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    real_guard = tbdiag.shield.Shield.guard
+    real_guard = tbdiag.watch.shield.Shield.guard
     calls = []
 
     def guard_failing_at_the_fourth_call(self, entry, fn):
@@ -606,7 +606,7 @@ def test_watch_failing_half_way_leaves_nothing_behind(tmp_path, monkeypatch):
             raise RuntimeError("set-up fault injected by the test")
         return real_guard(self, entry, fn)
 
-    monkeypatch.setattr(tbdiag.shield.Shield, "guard", guard_failing_at_the_fourth_call)
+    monkeypatch.setattr(tbdiag.watch.shield.Shield, "guard", guard_failing_at_the_fourth_call)
     writer = DiagnosticWriter(str(tmp_path / "failed"))
     with _recording() as caught:
         writer.watch(model, opt, log_every=1)

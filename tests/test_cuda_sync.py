@@ -15,9 +15,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from scenarios import SeedCNN, SmallResNet
+from torch import nn
 
 import tbdiag
 from tbdiag import DiagnosticWriter

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from tbdiag.reader import load_logdir
+from tbdiag.read.reader import load_logdir
 
 HERE = os.path.dirname(__file__)
 SCRIPT = os.path.join(HERE, "distributed_train.py")
@@ -78,7 +78,7 @@ def test_without_a_reachable_store_ranks_keep_their_own_numbers():
     """No process group (so no store): the announcement says so once and never asks for a collective."""
     import warnings
 
-    from tbdiag import distributed
+    from tbdiag.measure import distributed
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tbdiag import DiagnosticWriter, checks, evaluation, report
-from tbdiag.evaluation_inputs import prepare
-from tbdiag.reader import load_logdir
-from tbdiag.rules import RULES_BY_NAME
+from tbdiag import DiagnosticWriter, report
+from tbdiag.contract import evaluation
+from tbdiag.read.reader import load_logdir
+from tbdiag.rules import RULES_BY_NAME, evaluator
+from tbdiag.summary.evaluation_inputs import prepare
 
 CLASSES = ["cat", "dog", "bird", "fish"]
 
@@ -262,18 +263,18 @@ def test_images_and_pr_curves_are_written(trained_logdir):
 
 def test_a_class_learned_late_is_no_finding():
     """The rules judge the latest evaluations: a class recognised from the third evaluation on is fine."""
-    from tbdiag.rundata import RunData
+    from tbdiag.contract.rundata import RunData
 
     bad = _ev([[50, 0, 0], [0, 50, 0], [0, 50, 0]])
     good = _ev([[50, 0, 0], [0, 48, 2], [0, 5, 45]])
     evs = [evaluation.Evaluation("val", s, e.counts, e.class_names) for s, e in enumerate([bad, bad, good, good])]
     run = RunData.from_samples("r", None, [])
     run.evaluations = {"val": evs}
-    assert [f for f in checks.evaluate(run) if f.issue == "neglected_class"] == []
+    assert [f for f in evaluator.evaluate(run) if f.issue == "neglected_class"] == []
     run.evaluations = {"val": evs[:2]}
-    (f,) = [f for f in checks.evaluate(run) if f.issue == "neglected_class"]
+    (f,) = [f for f in evaluator.evaluate(run) if f.issue == "neglected_class"]
     assert f.first_step == 0 and f.last_step == 1 and "class '2'" in f.message and "taken for '1'" in f.message
     # persistence: the latest evaluation alone is not enough once there are more
     run.evaluations = {"val": [evs[2], evs[3], evs[0]]}
-    assert [f for f in checks.evaluate(run) if f.issue == "neglected_class"] == []
-    assert [f for f in checks.evaluate(run, {"neglected_class.persistence": 1}) if f.issue == "neglected_class"]
+    assert [f for f in evaluator.evaluate(run) if f.issue == "neglected_class"] == []
+    assert [f for f in evaluator.evaluate(run, {"neglected_class.persistence": 1}) if f.issue == "neglected_class"]

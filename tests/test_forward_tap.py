@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
 
-from tensorboard.backend.event_processing import event_accumulator
-
 from tbdiag import DiagnosticWriter
-from tbdiag.reader import load_logdir
+from tbdiag.read.reader import load_logdir
 
 
 class Net(nn.Module):

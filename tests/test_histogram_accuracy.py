@@ -5,7 +5,7 @@ spread subset (`stats.sample_stride`).  Here the histogram written through the
 real path (`histogram_samples` on the device, `host_histograms` on the writer
 thread) is compared with an exact histogram of every element over the same
 bin edges (elements outside the sampled range land in the end bins, as in the
-sampled one).  The bound asserted is the one documented in tbdiag/stats.py.
+sampled one).  The bound asserted is the one documented in tbdiag/measure/stats.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tbdiag import stats
+from tbdiag.measure import stats
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -10,8 +10,9 @@ import torch
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.compat.proto import summary_pb2
 
-from tbdiag import DiagnosticWriter, stats
-from tbdiag.histogram_summary import histogram_summary
+from tbdiag import DiagnosticWriter
+from tbdiag.measure import stats
+from tbdiag.summary.histograms import histogram_summary
 
 
 def _field_by_field(tags, rows, numels) -> summary_pb2.Summary:

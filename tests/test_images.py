@@ -9,7 +9,8 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 from torch import nn
 
-from tbdiag import DiagnosticWriter, stats
+from tbdiag import DiagnosticWriter
+from tbdiag.measure import stats
 
 CHANNELS, SIDE = 8, 14
 DEAD = (0, 3, 5)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tbdiag import cli
-from tbdiag.reader import load_logdir
+from tbdiag.read.reader import load_logdir
 
 # before Lightning or transformers can import the Hugging Face libraries that read them
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

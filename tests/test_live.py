@@ -7,11 +7,10 @@ import warnings
 
 import pytest
 import torch
+from test_nan_sentinel import BAD_STEP, Net, train
 
 import tbdiag
 from tbdiag import DiagnosticWriter, Finding, TrainingHealthError
-
-from test_nan_sentinel import BAD_STEP, Net, train
 
 
 def test_stop_on_nonfinite_raises_at_the_step_it_is_born(tmp_path):

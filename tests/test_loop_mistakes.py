@@ -15,11 +15,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from scenarios import teacher_data
 from torch import nn
 
-from scenarios import teacher_data
 from tbdiag import DiagnosticWriter, report
-from tbdiag.reader import load_logdir
+from tbdiag.read.reader import load_logdir
 
 LOG_EVERY = 4
 STEPS = 24
@@ -287,7 +287,7 @@ def test_close_takes_the_armed_tensor_hook_off(tmp_path):
                                           ("optimizer step hook", "arm_stale_check"),
                                           ("forward hook", "on_model_output")])
 def test_a_fault_in_a_loop_check_detaches_and_training_is_untouched(tmp_path, monkeypatch, entry, method):
-    from tbdiag.loop_watch import LoopWatch
+    from tbdiag.watch.loop_watch import LoopWatch
 
     def train(watch: bool) -> nn.Module:
         torch.manual_seed(0)

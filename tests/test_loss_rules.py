@@ -3,10 +3,9 @@
 import math
 
 import numpy as np
-
-from tbdiag import checks
-
 from test_rules import make_run
+
+from tbdiag.rules import evaluator
 
 N = 200
 STEPS = np.arange(N)
@@ -17,7 +16,7 @@ def _noise(sd, seed=0, n=N):
 
 
 def serious(run, **kw):
-    return [(f.issue, f.layer) for f in checks.evaluate(run, **kw) if f.severity != "info"]
+    return [(f.issue, f.layer) for f in evaluator.evaluate(run, **kw) if f.severity != "info"]
 
 
 def loss_run(extra=None, **curves):
@@ -40,7 +39,7 @@ def test_noisy_flat_curve_is_a_plateau_and_noisy_learning_is_not():
 def test_a_loss_at_chance_level_is_a_plateau_when_the_output_width_tells_the_classes():
     # labels shuffled apart from their inputs: the loss falls from a random start to ln 10 and stays
     chance = math.log(10) + 0.3 * np.exp(-STEPS / 10) + _noise(0.03)
-    (f,) = checks.evaluate(loss_run({"output_width": 10}, train__loss=(STEPS, chance)))
+    (f,) = evaluator.evaluate(loss_run({"output_width": 10}, train__loss=(STEPS, chance)))
     assert f.issue == "loss_plateau" and "chance level ln 10" in f.message and f.first_step == N // 2
     assert serious(loss_run(train__loss=(STEPS, chance))) == []  # no width recorded: no chance level
     learning = math.log(10) * np.exp(-STEPS / 60) + _noise(0.03)
@@ -50,14 +49,14 @@ def test_a_loss_at_chance_level_is_a_plateau_when_the_output_width_tells_the_cla
 def test_a_jump_far_above_the_running_best_is_a_spike_once_per_episode():
     v = 2.3 * np.exp(-STEPS / 20) + 0.01 + np.abs(_noise(0.005))
     v[120:] = 2.3 + _noise(0.05)[120:]  # a layer dies at 120: back to guessing
-    found = checks.evaluate(loss_run({"output_width": 10}, train__loss=(STEPS, v)))
+    found = evaluator.evaluate(loss_run({"output_width": 10}, train__loss=(STEPS, v)))
     spikes = [f for f in found if f.issue == "loss_spike"]
     assert [(f.first_step, f.severity) for f in spikes] == [(122, "warning")]
     assert [f.issue for f in found if f.severity != "info"] == ["loss_spike"], "the plateau after it is explained"
     two = v.copy()
     two[160:] = 0.01 + np.abs(_noise(0.005))[160:]  # recovers, then a second episode
     two[180:] = 2.3
-    assert len([f for f in checks.evaluate(loss_run(train__loss=(STEPS, two))) if f.issue == "loss_spike"]) == 2
+    assert len([f for f in evaluator.evaluate(loss_run(train__loss=(STEPS, two))) if f.issue == "loss_spike"]) == 2
     # the normal early descent, noisy, never counts
     noisy = 2.3 * np.exp(-STEPS / 30) + 0.1 + np.abs(_noise(0.15))
     assert serious(loss_run(train__loss=(STEPS, noisy))) == []
@@ -78,7 +77,7 @@ def test_divergence_still_fires_on_a_real_rise_and_on_nan():
     assert serious(loss_run(train__loss=(np.arange(60), up))) == [("loss_divergence", None)]
     nan = 2.3 * np.exp(-STEPS / 40) + _noise(0.02)
     nan[150:] = np.nan
-    (f,) = [f for f in checks.evaluate(loss_run(train__loss=(STEPS, nan))) if f.severity != "info"]
+    (f,) = [f for f in evaluator.evaluate(loss_run(train__loss=(STEPS, nan))) if f.severity != "info"]
     assert (f.issue, f.first_step, f.severity) == ("loss_divergence", 150, "error")
 
 
@@ -90,7 +89,7 @@ def _val_curve(rise: float):
 def test_validation_rising_while_training_falls_is_overfitting_not_divergence():
     train = 2.3 * np.exp(-STEPS / 40) + 0.05 + np.abs(_noise(0.03))
     for tag in ("val__loss", "loss__val", "eval_loss", "Loss__validation", "test_loss"):
-        found = checks.evaluate(loss_run(train__loss=(STEPS, train), **{tag: _val_curve(0.004)}))
+        found = evaluator.evaluate(loss_run(train__loss=(STEPS, train), **{tag: _val_curve(0.004)}))
         assert [(f.issue, f.severity) for f in found] == [("overfitting", "warning")], (tag, found)
         assert "memorising" in found[0].message and found[0].first_step > 80
     assert serious(loss_run(train__loss=(STEPS, train), val__loss=_val_curve(0.0))) == []
@@ -129,7 +128,7 @@ def test_vanishing_gradient_under_adaptive_optimizers_is_judged_by_the_update():
     assert serious(moving) == []  # Adam moves the layer whatever its gradient's size
     stuck = make_run(grad_rms=rms, update_ratio=np.tile([1e-8, 1e-3, 1e-3], (10, 1)))
     stuck.table.extra["optimizer"] = "Adam"
-    found = checks.evaluate(stuck)
+    found = evaluator.evaluate(stuck)
     assert [(f.issue, f.layer, f.severity) for f in found] == [
         ("vanishing_gradient", "l0", "warning"), ("update_too_small", "l0", "info")]
     sgd = make_run(grad_rms=rms)
@@ -146,7 +145,7 @@ def test_a_loss_that_stops_learning_when_a_layer_dies_follows_from_that_layer():
     loss = np.where(steps < 80, 2.3 * np.exp(-steps / 30) + 0.1, 2.30) + _noise(0.02, n=steps.size)
     run = make_run(n_steps=n_steps, dead_frac=dead, dead_persist_frac=dead, losses={"train/loss": (steps, loss)})
     run.table.extra["output_width"] = 10
-    found = {(f.issue, f.layer): f for f in checks.evaluate(run)}
+    found = {(f.issue, f.layer): f for f in evaluator.evaluate(run)}
     assert found[("dead_relu", "l1")].severity == "warning"
     loss_findings = [f for (issue, layer), f in found.items() if layer is None]
     assert loss_findings, "the jump back to chance level is still reported"
@@ -157,4 +156,4 @@ def test_a_loss_that_stops_learning_when_a_layer_dies_follows_from_that_layer():
     # the same loss curve without the dead layer: nothing explains it away
     healthy = make_run(n_steps=n_steps, losses={"train/loss": (steps, loss)})
     healthy.table.extra["output_width"] = 10
-    assert any(f.severity == "warning" for f in checks.evaluate(healthy) if f.layer is None)
+    assert any(f.severity == "warning" for f in evaluator.evaluate(healthy) if f.layer is None)

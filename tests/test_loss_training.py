@@ -7,10 +7,10 @@ Every run trains a small MLP on a learnable teacher task (`scenarios.teacher_dat
 import pytest
 import torch
 import torch.nn.functional as F
+from scenarios import mlp, teacher_data
 from torch import nn
 
 import tbdiag
-from scenarios import mlp, teacher_data
 from tbdiag import DiagnosticWriter
 
 SERIOUS = ("warning", "error")

@@ -161,13 +161,14 @@ def test_works_under_torch_compile(tmp_path):
 
 def test_old_runs_without_the_sentinel_fall_back_to_the_logged_counts(tmp_path):
     """A run without the sentinel's statistics (an older writer): placed at the first logged step holding NaN."""
-    from tbdiag import checks, reader
+    from tbdiag.read import reader
+    from tbdiag.rules import evaluator
 
     with pytest.warns(RuntimeWarning):
         train(tmp_path, sick="forward", log_every=10)
     (run,) = reader.load_logdir(str(tmp_path))
     run.model = {k: v for k, v in run.model.items() if not k.startswith("nonfinite")}
-    (f,) = [f for f in checks.evaluate(run) if f.issue == "nonfinite"]
+    (f,) = [f for f in evaluator.evaluate(run) if f.issue == "nonfinite"]
     assert f.first_step == BAD_STEP  # the step the sentinel found it at is logged, with its counts
     assert "first NaN/Inf at step 23" in f.message
 

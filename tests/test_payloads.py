@@ -16,8 +16,10 @@ import pytest
 from tb_plugin import payloads
 from tb_plugin.query import BadRequest
 from tb_plugin.run_source import RunView
-from tbdiag import checks, rules, schema, statistics
-from tbdiag.rundata import RunData
+from tbdiag import rules
+from tbdiag.contract import schema, statistics
+from tbdiag.contract.rundata import RunData
+from tbdiag.rules import evaluator
 
 C = schema.COLUMN_INDEX
 STEPS = np.arange(12) * 10  # logged steps 0, 10, ..., 110
@@ -46,7 +48,7 @@ def recovering_run() -> RunData:
 
 
 def view_of(data: RunData, thresholds=None) -> RunView:
-    return RunView(data=data, findings=checks.evaluate(data, thresholds), version=1, memo={})
+    return RunView(data=data, findings=evaluator.evaluate(data, thresholds), version=1, memo={})
 
 
 def strict(body):

@@ -17,8 +17,9 @@ import plugin_helpers as h
 import pytest
 from werkzeug.test import Client
 
-from tbdiag import report, schema
-from tbdiag.reader import load_logdir
+from tbdiag import report
+from tbdiag.contract import schema
+from tbdiag.read.reader import load_logdir
 
 P = "/data/plugin/tbdiag"
 

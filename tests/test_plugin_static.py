@@ -1,6 +1,6 @@
 """The tab's frontend files: no copied facts, every module reachable, served and packaged.
 
-Facts about statistics, rules and severities live in Python (`tbdiag.statistics`,
+Facts about statistics, rules and severities live in Python (`tbdiag.contract.statistics`,
 `tbdiag.rules`) and reach the tab through the ``/rules`` route.  A table of
 them in the JavaScript would drift from the Python one, silently, so these
 tests read the static files as source: no statistic or rule name may appear as
@@ -18,7 +18,8 @@ import re
 import pytest
 
 from tb_plugin import diagnostics_plugin
-from tbdiag import rules, schema
+from tbdiag import rules
+from tbdiag.contract import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATIC = os.path.join(ROOT, "tb_plugin", "static")

@@ -15,7 +15,7 @@ def _run(body: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("body", [
     "import tb_plugin.diagnostics_plugin",
-    "import tbdiag, tbdiag.rules, tbdiag.schema, tbdiag.reader, tbdiag.report",
+    "import tbdiag, tbdiag.rules, tbdiag.contract.schema, tbdiag.read.reader, tbdiag.read.report, tbdiag.summary",
     "from tbdiag import cli; assert cli.main(['rules']) == 0",
 ], ids=["plugin", "package", "rules-command"])
 def test_imports_without_torch(body):

@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked_crc32c
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from tbdiag import DiagnosticWriter, recordio
+from tbdiag import DiagnosticWriter
+from tbdiag.summary import recordio
 
 needs_c_crc = pytest.mark.skipif(not recordio.available(), reason="no C CRC32C installed (pip install tbdiag[fast])")
 

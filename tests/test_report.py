@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import scenarios
 import torch
 import torch.nn.functional as F
 
-import scenarios
 import tbdiag
 from tbdiag import DiagnosticWriter
 

@@ -6,9 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from tbdiag import checks, rules, schema, series
-from tbdiag.report import render_json
-from tbdiag.rundata import RunData
+from tbdiag import rules
+from tbdiag.contract import schema
+from tbdiag.contract.rundata import RunData
+from tbdiag.read.report import render_json
+from tbdiag.rules import evaluator, series
 
 C = schema.COLUMN_INDEX
 
@@ -37,7 +39,7 @@ def make_run(n_steps=10, n_layers=3, losses=None, **cols):
 
 
 def issues(run, **kw):
-    return [(f.issue, f.layer, f.severity) for f in checks.evaluate(run, **kw)]
+    return [(f.issue, f.layer, f.severity) for f in evaluator.evaluate(run, **kw)]
 
 
 def test_healthy_run_has_no_findings():
@@ -47,7 +49,7 @@ def test_healthy_run_has_no_findings():
 def test_dead_relu_needs_persistence_and_reports_since_when():
     dead = np.full((10, 3), 0.05)
     dead[6:, 1] = 0.9
-    (f,) = checks.evaluate(make_run(dead_frac=dead))
+    (f,) = evaluator.evaluate(make_run(dead_frac=dead))
     assert (f.issue, f.layer, f.first_step, f.last_step, f.ongoing) == ("dead_relu", "l1", 60, 90, True)
     assert "90%" in f.message and "since step 60" in f.message
     blip = np.full((10, 3), 0.05)
@@ -65,7 +67,7 @@ def test_dead_relu_needs_the_same_units_dead_across_batches():
     dead[4:, 0] = 1.0
     persist = np.full((10, 3), 0.02)
     persist[6:, 0] = 1.0  # three logged batches after the kill
-    (f,) = checks.evaluate(make_run(dead_frac=dead, dead_persist_frac=persist))
+    (f,) = evaluator.evaluate(make_run(dead_frac=dead, dead_persist_frac=persist))
     assert (f.layer, f.first_step) == ("l0", 40)
 
 
@@ -80,7 +82,7 @@ def test_vanishing_relative_and_absolute():
 def test_exploding_fires_at_once():
     rms = np.full((10, 3), 1e-3)
     rms[7, 2] = 50.0
-    (f,) = checks.evaluate(make_run(grad_rms=rms))
+    (f,) = evaluator.evaluate(make_run(grad_rms=rms))
     assert (f.issue, f.layer, f.first_step, f.severity) == ("exploding_gradient", "l2", 70, "error")
 
 
@@ -95,7 +97,7 @@ def test_nonfinite_localises_first_step_and_first_layer():
     act[4:, 1:] = 7  # first in the forward pass: l1
     grad = np.zeros((10, 3))
     grad[4:, :] = 3
-    (f,) = checks.evaluate(make_run(act_nonfinite=act, grad_nonfinite=grad))
+    (f,) = evaluator.evaluate(make_run(act_nonfinite=act, grad_nonfinite=grad))
     assert (f.issue, f.layer, f.first_step, f.value) == ("nonfinite", "l1", 40, 7)
     assert "activations" in f.message
 
@@ -103,7 +105,7 @@ def test_nonfinite_localises_first_step_and_first_layer():
 def test_nonfinite_in_gradients_only_points_at_the_last_layer():
     grad = np.zeros((10, 3))
     grad[5:, :] = 1
-    (f,) = checks.evaluate(make_run(grad_nonfinite=grad))
+    (f,) = evaluator.evaluate(make_run(grad_nonfinite=grad))
     assert f.layer == "l2" and f.first_step == 50
 
 
@@ -114,7 +116,7 @@ def test_frozen_layer_vs_intentionally_frozen():
     changed[0, 2] = np.nan
     run = make_run(changed=changed)
     run.table.layers[2].in_optimizer = False
-    (f,) = checks.evaluate(run)
+    (f,) = evaluator.evaluate(run)
     assert (f.issue, f.layer) == ("frozen_layer", "l2") and "optimizer" in f.message
     # requires_grad=False: no gradients, so nothing to flag
     grads = np.full((10, 3), 2.0)
@@ -129,11 +131,11 @@ def test_frozen_layer_vs_intentionally_frozen():
 
 def test_loss_divergence_and_nan_loss():
     up = np.concatenate([np.linspace(2.3, 1.0, 30), np.linspace(1.0, 9.0, 30)])
-    (f,) = [f for f in checks.evaluate(make_run(losses={"train/loss": (np.arange(60), up)})) if f.severity != "info"]
+    (f,) = [f for f in evaluator.evaluate(make_run(losses={"train/loss": (np.arange(60), up)})) if f.severity != "info"]
     assert f.issue == "loss_divergence" and f.layer is None and f.severity == "error"
     nan = np.linspace(2.3, 1.0, 30)
     nan[17] = np.nan
-    (f,) = checks.evaluate(make_run(losses={"train/loss": (np.arange(30), nan)}))
+    (f,) = evaluator.evaluate(make_run(losses={"train/loss": (np.arange(30), nan)}))
     assert f.issue == "loss_divergence" and f.first_step == 17
     noisy = 1.0 + 0.3 * np.random.default_rng(0).standard_normal(100)
     noisy[:10] += 1.0  # starts higher, then noisy but flat
@@ -142,7 +144,7 @@ def test_loss_divergence_and_nan_loss():
 
 def test_loss_plateau():
     flat = 2.302 + 0.001 * np.sin(np.arange(50))
-    (f,) = checks.evaluate(make_run(losses={"loss": (np.arange(50), flat)}))
+    (f,) = evaluator.evaluate(make_run(losses={"loss": (np.arange(50), flat)}))
     assert f.issue == "loss_plateau" and f.severity == "warning"
     short = flat[:10]  # too few values to judge
     assert issues(make_run(losses={"loss": (np.arange(10), short)})) == []
@@ -202,12 +204,12 @@ class _RecordingRun(RunData):
 @pytest.mark.parametrize("rule", rules.RULES, ids=lambda r: r.name)
 def test_each_rule_reads_exactly_the_statistics_it_declares(rule):
     run = _RecordingRun(make_run(losses={"loss": (np.arange(40), np.linspace(2.3, 0.5, 40))}))
-    checks.evaluate(run, rules=[rule.name])
+    evaluator.evaluate(run, rules=[rule.name])
     assert run.read == set(rule.reads), f"{rule.name} declares {rule.reads}, reads {sorted(run.read)}"
 
 
 def test_rule_declarations_name_real_statistics_settings_and_words():
-    from tbdiag import statistics
+    from tbdiag.contract import statistics
 
     words = [rule.word for rule in rules.RULES]
     assert all(words) and len(set(words)) == len(words), "every rule needs its own flag word"
@@ -230,7 +232,7 @@ def test_a_finding_holds_only_where_its_streaks_are():
     dead = np.full((10, 3), 0.05)
     dead[1:4, 0] = 0.9  # dead at steps 10..30, recovers, dead again at 60..90
     dead[6:, 0] = 0.9
-    (f,) = checks.evaluate(make_run(dead_frac=dead))
+    (f,) = evaluator.evaluate(make_run(dead_frac=dead))
     assert (f.first_step, f.last_step, f.spans) == (10, 90, ((10, 30), (60, 90)))
     assert [s for s in range(0, 100, 10) if f.holds_at(s)] == [10, 20, 30, 60, 70, 80, 90]
     assert "spans" not in f.to_json(), "the report's JSON is unchanged"

@@ -1,7 +1,6 @@
 """Each illness diagnosed on the right layer through `tbdiag report --format json`; healthy runs stay silent."""
 
 import pytest
-
 import scenarios
 
 SERIOUS = {"warning", "error"}

@@ -25,8 +25,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
-from tbdiag import schema, statistics
-from tbdiag.reader import load_logdir
+from tbdiag.contract import schema, statistics
+from tbdiag.read.reader import load_logdir
 
 #: The column order of every event file written so far.  New statistics may be
 #: appended; these positions never change.
@@ -343,7 +343,7 @@ def test_model_statistics_round_trip_through_both_readers(tmp_path):
 
     from tb_plugin.run_source import RunSource
     from tbdiag import DiagnosticWriter
-    from tbdiag.assembly import StepRecord
+    from tbdiag.summary.assembly import StepRecord
 
     logdir = str(tmp_path)
     writer = DiagnosticWriter(os.path.join(logdir, "run"))

@@ -5,15 +5,17 @@ import copy
 import warnings
 
 import pytest
+import scenarios
 import torch
 import torch.nn.functional as F
-
-import scenarios
-from tbdiag import DiagnosticWriter, stats, watcher
-from tbdiag.forward_tap import ForwardTap
-from tbdiag.probe import StepProbe
-from tbdiag.watcher import Watcher
 from test_writer import DropoutCNN
+
+from tbdiag import DiagnosticWriter
+from tbdiag.measure import stats
+from tbdiag.measure.probe import StepProbe
+from tbdiag.watch import watcher
+from tbdiag.watch.forward_tap import ForwardTap
+from tbdiag.watch.watcher import Watcher
 
 STEPS = 8
 

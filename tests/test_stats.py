@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tbdiag import stats
+from tbdiag.measure import stats
 
 
 def _dead_fraction(y: torch.Tensor, dim: int) -> float:
@@ -174,7 +174,7 @@ def test_statistics_do_not_modify_inputs():
 
 
 def test_the_stack_buffer_reuses_its_memory_on_the_cpu_only():
-    from tbdiag.probe import StackBuffer
+    from tbdiag.measure.probe import StackBuffer
 
     buffer = StackBuffer()
     a = [torch.randn(4, 5, dtype=torch.bfloat16) for _ in range(3)]

@@ -20,16 +20,20 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import plugin_helpers as h  # noqa: E402
 from cnn_slow_loader import cached_loader, slow_loader  # noqa: E402
 from seed_cnn import Net  # noqa: E402
 
-import plugin_helpers as h  # noqa: E402
-from tbdiag import DiagnosticWriter, checks, report  # noqa: E402
-from tbdiag.reader import load_logdir  # noqa: E402
-from tbdiag.rules import RULES_BY_NAME, resolve  # noqa: E402
-from tbdiag.rundata import RunData  # noqa: E402
-from tbdiag.throughput import StepTimer  # noqa: E402
-from tbdiag.throughput_checks import INPUT_WAIT_TAG, SAMPLES_TAG, STEP_TIME_TAG  # noqa: E402
+from tbdiag import DiagnosticWriter, report  # noqa: E402
+from tbdiag.contract.rundata import RunData  # noqa: E402
+from tbdiag.read.reader import load_logdir  # noqa: E402
+from tbdiag.rules import (  # noqa: E402
+    RULES_BY_NAME,
+    evaluator,  # noqa: E402
+    resolve,
+)
+from tbdiag.rules.throughput import INPUT_WAIT_TAG, SAMPLES_TAG, STEP_TIME_TAG  # noqa: E402
+from tbdiag.watch.timing import StepTimer  # noqa: E402
 
 LOG_EVERY = 5
 STEPS = 31  # steps 1..30 fall in the logged windows (the first window opens at step 0's end)
@@ -261,7 +265,7 @@ def perf_run(fracs, steps=None, step_ms=100.0) -> RunData:
 
 def test_rule_levels_and_persistence():
     def found(fracs, thresholds=None):
-        return checks.evaluate(perf_run(fracs), thresholds, rules=["input_bound"])
+        return evaluator.evaluate(perf_run(fracs), thresholds, rules=["input_bound"])
 
     assert found([0.01, 0.05, 0.1, 0.14]) == []
     assert [f.severity for f in found([0.2, 0.22, 0.2, 0.21])] == ["info"]
@@ -273,8 +277,8 @@ def test_rule_levels_and_persistence():
     assert found([], None) == []
     # a tiny step's own loop code: 40% of a 2 ms step is 0.8 ms of waiting, below min_wait_ms
     tiny = perf_run([0.4] * 4, step_ms=2.0)
-    assert checks.evaluate(tiny, rules=["input_bound"]) == []
-    assert [f.severity for f in checks.evaluate(tiny, {"input_bound.min_wait_ms": 0.5}, rules=["input_bound"])] \
+    assert evaluator.evaluate(tiny, rules=["input_bound"]) == []
+    assert [f.severity for f in evaluator.evaluate(tiny, {"input_bound.min_wait_ms": 0.5}, rules=["input_bound"])] \
         == ["warning"]
     assert RULES_BY_NAME["input_bound"].params["warning"] == 0.3
     with pytest.raises(ValueError, match="input_bound.warning"):

@@ -5,13 +5,13 @@ import copy
 
 import numpy as np
 import pytest
+import scenarios
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import scenarios
 from tbdiag import DiagnosticWriter
-from tbdiag.reader import load_logdir
+from tbdiag.read.reader import load_logdir
 
 
 def _mlp():

@@ -7,6 +7,7 @@ import weakref
 
 import numpy as np
 import pytest
+import scenarios
 import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing import event_accumulator as ea
@@ -15,9 +16,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.tensorboard import SummaryWriter
 
-import scenarios
-from tbdiag import DiagnosticWriter, schema
-from tbdiag.reader import load_logdir
+from tbdiag import DiagnosticWriter
+from tbdiag.contract import schema
+from tbdiag.read.reader import load_logdir
 
 
 def _train(model, writer=None, steps=12, log_every=5, optimizer=True, seed=0, batch=16, x_shape=(3, 32, 32)):

@@ -1,0 +1,155 @@
+"""The per-layer statistics tbdiag records, each declared once.
+
+Every fact about a statistic lives in its `Statistic` row: what it measures,
+how people name it, how a chart or a colour scale should treat it, and where
+the Diagnostics tab shows it.  The summary format (`tbdiag.contract.schema` derives its
+column order from `STATISTICS`), the rules (which name the statistics they
+read), the report and the tab (which receives this table from the plugin's
+``/rules`` route) all refer to a statistic by its name and look the rest up
+here, so adding a statistic means adding one row.
+
+Torch-free and numpy-free: readers import it without the training stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: Colour and axis scales: ``log`` spans decades (norms, ratios), ``fraction``
+#: is 0..1, ``linear`` is anything else.
+SCALES: tuple[str, ...] = ("log", "fraction", "linear")
+
+#: When the drill-down draws a statistic's chart (only ever when it holds a
+#: measured value): ``always``; ``nonzero`` -- only when some value is not 0
+#: (NaN/Inf counts: a chart of zeros says nothing); ``with_finding`` -- only
+#: when a finding on the layer comes from a rule that reads it (quantities
+#: with no healthy range of their own); ``never`` (bookkeeping columns).
+CHARTS: tuple[str, ...] = ("always", "nonzero", "with_finding", "never")
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One per-layer statistic: one column of every health tensor."""
+
+    name: str
+    meaning: str  # one line: what is measured
+    label: str  # human label (chart titles, heatmap, tooltips)
+    short: str  # short header for the layer table
+    scale: str  # one of SCALES
+    chart: str  # one of CHARTS
+    key_column: int | None = None  # position among the layer table's key columns; None: not one of them
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# fmt: off
+#: In the column order of every health tensor.  Event files name their columns,
+#: but keep this order: new statistics go at the end.
+STATISTICS: tuple[Statistic, ...] = (
+    Statistic("act_mean", "mean of the layer's output over the batch",
+              "activation mean", "act mean", "linear", "with_finding"),
+    Statistic("act_std", "standard deviation of the layer's output over the batch",
+              "activation std", "act std", "log", "always", key_column=4),
+    Statistic("act_nonfinite", "count of NaN/Inf elements in the layer's output",
+              "NaN/Inf in activations", "act NaN/Inf", "linear", "nonzero"),
+    Statistic("dead_frac", "fraction of units (conv channels, linear features) a ReLU never fired for over the "
+              "batch; NaN when no ReLU consumes the output",
+              "dead ReLU units", "dead units", "fraction", "always", key_column=2),
+    Statistic("saturated_frac", "fraction of sigmoid/tanh outputs within 1% of their bounds; NaN when none "
+              "consumes the output",
+              "saturated sigmoid/tanh outputs", "saturated", "fraction", "always", key_column=3),
+    Statistic("grad_norm", "L2 norm of the gradients of the layer's own parameters",
+              "gradient L2 norm", "grad norm", "log", "never"),
+    Statistic("grad_rms", "grad_norm / sqrt(number of gradient elements)",
+              "gradient RMS", "grad RMS", "log", "always", key_column=0),
+    Statistic("grad_nonfinite", "count of NaN/Inf gradient elements",
+              "NaN/Inf in gradients", "grad NaN/Inf", "linear", "nonzero"),
+    Statistic("weight_norm", "L2 norm of the layer's own parameters",
+              "weight L2 norm", "weight norm", "log", "with_finding"),
+    Statistic("weight_nonfinite", "count of NaN/Inf parameter elements",
+              "NaN/Inf in weights", "weight NaN/Inf", "linear", "nonzero"),
+    Statistic("update_ratio", "||w_after - w_before|| / ||w_after|| over the optimizer step (needs optimizer=)",
+              "update / weight ratio", "update / weight", "log", "always", key_column=1),
+    Statistic("changed", "fraction of the layer's gradient-receiving parameter tensors that changed since the "
+              "previous logging step",
+              "parameters changed since last log", "changed", "fraction", "with_finding"),
+    Statistic("grad_params", "number of the layer's parameter tensors that received a gradient this step",
+              "parameter tensors with gradients", "grad tensors", "linear", "with_finding"),
+    Statistic("dead_persist_frac", "fraction of units that fired neither in this batch nor in the two previous "
+              "logged ones",
+              "ReLU units dead for 3 logged batches", "dead 3 batches", "fraction", "never"),
+)
+# fmt: on
+
+# fmt: off
+#: Model-level statistics: one value per logging step for the whole model (not per layer), stored in
+#: their own tensor (`tbdiag.contract.schema.encode_model`) and read by the rules as series (`RunData.model`).
+#: Columns are read by name; new ones go at the end.
+MODEL_STATISTICS: tuple[Statistic, ...] = (
+    Statistic("nonfinite_step", "first training step (any step, not only logging steps) where NaN/Inf was born, "
+              "from the sentinel's check of the model output at every step (tbdiag.watch.sentinel); NaN while there was "
+              "none",
+              "first non-finite step", "NaN step", "linear", "never"),
+    Statistic("nonfinite_layer", "layer row (model order) where NaN/Inf first appeared at that step: the first "
+              "in forward order with a non-finite output, or for nonfinite_where=backward the first in backward "
+              "order with non-finite weights; NaN when it could not tell",
+              "first non-finite layer", "NaN layer", "linear", "never"),
+    Statistic("eval_mode_steps", "optimizer steps since the previous logging step taken while the model was in "
+              "eval() mode and ran no training forward",
+              "optimizer steps in eval mode", "eval steps", "linear", "nonzero"),
+    Statistic("stale_gradients", "1 when the gradients were not cleared between the previous optimizer step and "
+              "this one (they accumulate across steps), 0 when they were, checked on one small parameter; NaN "
+              "when not checked",
+              "gradients not cleared", "stale grads", "linear", "nonzero"),
+    Statistic("softmax_output", "1 when the model's output rows are probability distributions (non-negative, "
+              "summing to 1) where a loss expects logits, 0 otherwise",
+              "output already softmaxed", "softmax out", "linear", "nonzero"),
+    Statistic("nonfinite_where", "where the sentinel saw NaN/Inf born: 0 in the forward (a layer's output), 1 in "
+              "the backward or the optimizer update (the weights), 2 in the model's input; NaN when unknown",
+              "where NaN/Inf was born", "NaN where", "linear", "never"),
+)
+# fmt: on
+
+BY_NAME: dict[str, Statistic] = {s.name: s for s in STATISTICS}
+MODEL_BY_NAME: dict[str, Statistic] = {s.name: s for s in MODEL_STATISTICS}
+
+#: The layer table's key columns, in the order it shows them.
+KEY_STATS: tuple[str, ...] = tuple(
+    s.name for s in sorted((s for s in STATISTICS if s.key_column is not None), key=lambda s: s.key_column)
+)
+
+#: What the heatmap shows when no finding suggests a statistic: every layer
+#: with parameters has a gradient, and its norm shows learning step by step.
+DEFAULT_HEATMAP = "grad_norm"
+
+
+def _default_scale(name: str) -> str:
+    return "fraction" if name.endswith("_frac") else "linear"
+
+
+def statistic(name: str) -> Statistic:
+    """The row for ``name``; a statistic this version does not know (written by
+    a newer tbdiag) gets a plain row guessed from its name, so it can still be shown."""
+    known = BY_NAME.get(name)
+    if known is not None:
+        return known
+    return Statistic(name, meaning="", label=name, short=name, scale=_default_scale(name), chart="always")
+
+
+def scale_of(name: str) -> str:
+    """A statistic's scale (``log``, ``fraction`` or ``linear``)."""
+    return statistic(name).scale
+
+
+def statistics_json() -> list[dict[str, Any]]:
+    """The table as JSON-ready dicts, in column order (what the tab reads from ``/rules``)."""
+    return [s.to_json() for s in STATISTICS]
+
+
+__all__ = [
+    "Statistic", "STATISTICS", "BY_NAME", "MODEL_STATISTICS", "MODEL_BY_NAME", "KEY_STATS", "DEFAULT_HEATMAP",
+    "SCALES", "CHARTS", "statistic",
+    "scale_of", "statistics_json",
+]
