@@ -376,7 +376,55 @@ def test_a_late_answer_does_not_overwrite_a_newer_choice(browser, side_by_side):
     page.wait_for_timeout(400)  # the slider waits for the hand to stop before asking
     _move_slider(panel, 120)
     page.wait_for_timeout(2500)  # the slow answers have arrived by now
-    assert panel.locator(".heatmap .section-title").inner_text().startswith("dead ReLU units")
+    assert panel.locator(".heatmap .section-title").inner_text().startswith("dead units")
     assert "statistics at step 120 " in panel.locator(".table-host .muted").inner_text()
     assert watch.errors == [] and watch.dialogs == []
     page.close()
+
+
+SCREENSHOT_GPT2 = os.path.join(DOCS, "diagnostics-gpt2-dead-gelu.png")
+
+
+def _build_gpt2_logdir(root: str) -> None:
+    """A GPT-2 (8 blocks, AdamW, warm-up + cosine) whose block 6 MLP is dead, and its healthy twin."""
+    import recipes
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipes.gpt2_dead_mlp(os.path.join(root, "gpt2-dead-block6"), steps=120)
+        recipes.gpt2(os.path.join(root, "gpt2-healthy"), steps=120)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_dead_gelu_block_is_in_the_banner_not_called_healthy(browser, tmp_path_factory):
+    """The GELU behind h.6.mlp.c_fc outputs 0 and passes back 0: a stripe in the heatmap, and the banner says so."""
+    pytest.importorskip("transformers")
+    logdir = h.session_logdir(tmp_path_factory, "gpt2-dead-gelu", _build_gpt2_logdir)
+    with h.TensorBoardProcess(logdir, load_fast=False, workdir=str(tmp_path_factory.mktemp("tb-gpt2"))) as tb:
+        page, frame, watch = open_tab(browser, tb.url, width=1440, height=900)
+        select_only(frame, "gpt2-dead-block6")
+        panel = frame.locator("section.panel[data-run='gpt2-dead-block6']")
+        banner = panel.locator(".banner")
+        text = banner.inner_text()
+        assert "Healthy" not in text, text
+        assert "sev-warning" in banner.get_attribute("class") or "sev-error" in banner.get_attribute("class")
+        headline = banner.locator(".headline").inner_text()
+        assert "transformer.h.6.mlp.c_fc: dead" in headline and "GELU" in headline, headline
+        row = panel.locator("tr.layer-row[data-layer='transformer.h.6.mlp.c_fc']")
+        assert row.locator(".flag[data-issue='dead_relu']").count() == 1
+        flagged = panel.locator("tr.layer-row .flag").evaluate_all(
+            "els => els.filter(e => !e.classList.contains('sev-info')).map(e => e.closest('tr').dataset.layer)")
+        assert flagged and all(".h.6." in layer for layer in flagged), flagged
+        page.mouse.move(5, 5)
+        page.wait_for_timeout(300)
+        page.screenshot(path=SCREENSHOT_GPT2)
+
+        frame.locator("label.run-chip[data-run='gpt2-healthy'] input").check()
+        healthy = frame.locator("section.panel[data-run='gpt2-healthy']")
+        healthy.locator("tr.layer-row").first.wait_for(timeout=30_000)
+        assert "Healthy: no rule fired" in healthy.locator(".banner").inner_text()
+        assert watch.errors == [] and watch.dialogs == []
+        page.close()

@@ -79,11 +79,30 @@ def test_vanishing_relative_and_absolute():
     assert issues(make_run(grad_rms=np.tile([1e-4, 1e-3, 1e-2], (10, 1)))) == []
 
 
-def test_exploding_fires_at_once():
+def test_exploding_fires_when_confirmed_or_far_beyond():
     rms = np.full((10, 3), 1e-3)
-    rms[7, 2] = 50.0
+    rms[7:9, 2] = [50.0, 80.0]  # two logged steps in a row: a blow-up, named from its first
     (f,) = evaluator.evaluate(make_run(grad_rms=rms))
     assert (f.issue, f.layer, f.first_step, f.severity) == ("exploding_gradient", "l2", 70, "error")
+    rms = np.full((10, 3), 1e-3)
+    rms[7, 2] = 5000.0  # one step, but 500x the threshold: at once
+    (f,) = evaluator.evaluate(make_run(grad_rms=rms))
+    assert (f.issue, f.layer, f.first_step, f.last_step) == ("exploding_gradient", "l2", 70, 70)
+
+
+def test_one_large_gradient_that_settles_is_not_an_explosion():
+    # HF's std-0.02 convs before BatchNorm: a 14x gradient at step 0, gone by the next logged step
+    rms = np.full((10, 3), 1e-3)
+    rms[0, 1] = 14.0
+    rms[7, 2] = 50.0
+    assert evaluator.evaluate(make_run(grad_rms=rms)) == []
+    # still unconfirmed at the last logged step: wait for the next one
+    rms = np.full((10, 3), 1e-3)
+    rms[9, 2] = 50.0
+    assert evaluator.evaluate(make_run(grad_rms=rms)) == []
+    # a run of one logged step that is all explosion is still named
+    found = evaluator.evaluate(make_run(n_steps=1, grad_rms=np.array([[1e-3, 1e-3, 50.0]])))
+    assert [(f.issue, f.layer) for f in found if f.issue == "exploding_gradient"] == [("exploding_gradient", "l2")]
 
 
 def test_saturation():
@@ -244,3 +263,76 @@ def test_a_finding_holds_only_where_its_streaks_are():
 
 def test_word_of_falls_back_to_the_kind():
     assert rules.word_of("dead_relu") == "dead" and rules.word_of("something_new") == "something_new"
+
+
+def _with_lr(run, lrs):
+    run.model["lr_max"] = (run.steps.copy(), np.asarray(lrs, dtype=np.float64))
+    return run
+
+
+def test_update_too_small_reads_the_schedule():
+    ratio = np.full((10, 3), 1e-3)
+    ratio[6:, 1] = 3e-6  # the last four logged steps of a cosine tail
+    tail = np.array([1.0, 1.0, 0.95, 0.8, 0.6, 0.4, 0.08, 0.03, 0.01, 0.003]) * 1e-3
+    assert issues(_with_lr(make_run(update_ratio=ratio), tail)) == []
+    # the same ratios with the learning rate still at its peak: the layer really barely moves
+    assert issues(_with_lr(make_run(update_ratio=ratio), np.full(10, 1e-3))) == [("update_too_small", "l1", "warning")]
+    # a learning rate set too low from the start is its own peak: never excused as a tail
+    low = np.full((10, 3), 2e-6)
+    assert len(issues(_with_lr(make_run(update_ratio=low), np.full(10, 1e-7)))) == 3
+    # without a recorded learning rate (older runs) the ratio alone decides, as before
+    assert issues(make_run(update_ratio=ratio)) == [("update_too_small", "l1", "warning")]
+
+
+def test_update_too_small_holds_norm_layers_to_their_own_scale():
+    run = make_run(update_ratio=np.tile([1e-3, 1.1e-6, 1.1e-6], (10, 1)))
+    run.table.layers[1].type = "LlamaRMSNorm"  # a gain at 1.0 under Adam: 1e-6 is healthy for it
+    assert issues(run) == [("update_too_small", "l2", "warning")]
+    run = make_run(update_ratio=np.tile([1e-3, 1e-8, 1e-3], (10, 1)))
+    run.table.layers[1].type = "LayerNorm"  # far below even its own scale
+    assert issues(run) == [("update_too_small", "l1", "warning")]
+
+
+def test_update_too_large_spares_a_layer_growing_from_zero_by_design():
+    ratio = np.full((10, 3), 1e-3)
+    ratio[:4, 1] = [1.0, 0.5, 0.3, 0.15]  # LayerScale at 1e-6: its first steps move it by ~100%
+    norm = np.full((10, 3), 5.0)
+    norm[:, 1] = [1e-5, 2e-3, 6e-3, 1.2e-2, 2e-2, 2.4e-2, 2.6e-2, 2.7e-2, 2.8e-2, 2.8e-2]
+    run = make_run(update_ratio=ratio, weight_norm=norm)
+    for layer in run.table.layers:
+        layer.params = 64
+    assert issues(run) == []
+    # the same ratios on a layer that started at a normal scale are too large
+    norm[:, 1] = 5.0
+    run = make_run(update_ratio=ratio, weight_norm=norm)
+    for layer in run.table.layers:
+        layer.params = 64
+    assert issues(run) == [("update_too_large", "l1", "warning")]
+
+
+def test_activation_growth():
+    std = np.ones((10, 3))
+    std[:, 0] = np.geomspace(1.0, 50.0, 10)  # a projection behind a LayerScale grows 50x while learning: healthy
+    std[:, 2] = [1, 1, 40, 200, 400, 600, 800, 800, 800, 800]  # lr too high: 800x within a few intervals
+    assert issues(make_run(act_std=std, act_mean=np.zeros((10, 3)))) == [("activation_growth", "l2", "warning")]
+    (f,) = evaluator.evaluate(make_run(act_std=std, act_mean=np.zeros((10, 3))))
+    assert f.first_step == 30
+    # a zero-initialised branch, or a projection at 0.01 behind a uniform attention, grows to the model's scale
+    std = np.ones((10, 5))
+    std[:, 1] = np.geomspace(1e-7, 1.0, 10)
+    std[:, 2] = np.geomspace(0.008, 2.0, 10)
+    assert issues(make_run(n_layers=5, act_std=std, act_mean=np.zeros((10, 5)))) == []
+
+
+def test_vanishing_under_adam_follows_the_schedule():
+    rms = np.tile([1e-2, 1e-2, 5e-7], (10, 1))  # a layer's gradient 2e4x below the largest one's
+    ratio = np.full((10, 3), 1e-3)
+    ratio[6:, :] = [2e-6, 2e-6, 2e-6]  # the cosine tail: every layer's update shrinks with the rate
+    tail = np.array([1.0, 1.0, 0.95, 0.8, 0.6, 0.4, 0.08, 0.03, 0.01, 0.003]) * 1e-3
+    run = _with_lr(make_run(grad_rms=rms, update_ratio=ratio), tail)
+    run.table.extra["optimizer"] = "AdamW"
+    assert [f for f in issues(run) if f[0] == "vanishing_gradient"] == []
+    # the same ratios at a constant rate: that layer's Adam step no longer moves it
+    run = _with_lr(make_run(grad_rms=rms, update_ratio=ratio), np.full(10, 1e-3))
+    run.table.extra["optimizer"] = "AdamW"
+    assert ("vanishing_gradient", "l2", "warning") in issues(run)

@@ -2,6 +2,7 @@
 closures (LBFGS): steps are optimizer steps and the statistics are the true ones."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -114,3 +115,43 @@ def test_lbfgs_closure_steps_are_counted_and_the_update_measured(tmp_path):
     run = load_logdir(str(tmp_path))[0]
     assert list(run.steps) == [0, 1, 2]
     assert np.isfinite(run.column("update_ratio")[:, run.layer_names.index("0")]).all()
+
+
+class _RelativeStep(torch.optim.Optimizer):
+    """Keeps ``lr=None`` in its param groups and sizes steps itself, as Adafactor(relative_step=True) does."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": None})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-0.05)
+
+
+@pytest.mark.parametrize("lr", ["none", "tensor"])
+def test_learning_rates_that_are_not_numbers_are_recorded_as_unknown(tmp_path, lr):
+    """A param group's lr of None (relative-step Adafactor) or a tensor (capturable optimizers) stops nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    if lr == "none":
+        opt = _RelativeStep(model.parameters())
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.05))
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=2)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+    writer.close()
+    assert [str(w.message) for w in caught if "tbdiag" in str(w.message)] == []
+    run = load_logdir(str(tmp_path))[0]
+    assert list(run.steps) == [0, 2, 4]
+    assert np.isfinite(run.column("update_ratio")[:, [0, 2]]).all(), "every step of both linears measured"
+    steps, values = run.model_series("lr_max")
+    assert (len(values) == 3 and np.allclose(values, 0.05)) if lr == "tensor" else len(values) == 0

@@ -166,9 +166,12 @@ class DictOut(nn.Module):
         self.fc = nn.Linear(20, 10)
 
     def forward(self, x):
-        if x.sum() > 0:  # data-dependent control flow
-            return {"logits": self.fc(x)}
-        return {"logits": -self.fc(x)}
+        return _Boxed(self.fc(x))  # the tracer cannot return an object of the user's class
+
+
+class _Boxed:
+    def __init__(self, value):
+        self.value = value
 
 
 def test_untraceable_model_warns_and_training_goes_on(tmp_path):
@@ -180,10 +183,10 @@ def test_untraceable_model_warns_and_training_goes_on(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            loss = F.cross_entropy(model(x)["logits"], y)
+            loss = F.cross_entropy(model(x).value, y)
             opt.zero_grad(); loss.backward(); opt.step()
     writer.close()
-    assert any("tbdiag" in str(w.message) for w in caught)
+    assert any("tbdiag" in str(w.message) and "module tree" in str(w.message) for w in caught)
     run = load_logdir(str(tmp_path))[0]
     assert list(run.steps) == [0, 1, 2] and run.layer_names == ["fc"]
 
@@ -298,3 +301,34 @@ def test_every_summary_writer_method_still_works(tmp_path):
     acc = ea.EventAccumulator(str(tmp_path))
     acc.Reload()
     assert "a" in acc.Tags()["scalars"] and "h" in acc.Tags()["histograms"]
+
+
+class Branchy(nn.Module):
+    """Traceable, with data-dependent control flow (as every Hugging Face model has): the tracer takes one path."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(20, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:  # a TracerWarning when traced
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_a_graph_traced_along_one_path_prints_nothing(tmp_path):
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=1)
+    x, y = scenarios.teacher_data(8, (20,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward(); opt.step()
+    writer.close()
+    assert [str(w.message) for w in caught] == []
+    acc = ea.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert acc.Tags()["graph"], "the traced graph was still logged"

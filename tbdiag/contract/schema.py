@@ -92,6 +92,15 @@ def is_model_tag(tag: str) -> bool:
     return tag.startswith(MODEL_TAG_PREFIX)
 
 
+#: How people name each activation kind stored in `LayerInfo.activation` (the kinds of
+#: `tbdiag.measure.layers.DEAD_BELOW`, "sigmoid" and "tanh"); a kind not listed is shown as it is.
+ACTIVATION_NAMES: dict[str, str] = {
+    "relu": "ReLU", "relu6": "ReLU6", "leaky_relu": "LeakyReLU(0)", "clamp": "clamp(min=0)", "relu2": "squared ReLU",
+    "gelu": "GELU", "silu": "SiLU", "mish": "Mish", "quick_gelu": "QuickGELU", "hardswish": "Hardswish",
+    "sqrt_softplus": "sqrt(softplus)", "sigmoid": "sigmoid", "tanh": "tanh",
+}
+
+
 @dataclass
 class LayerInfo:
     """One row of the layer table, in model (first forward) order."""
@@ -102,7 +111,7 @@ class LayerInfo:
     trainable_params: int = 0
     output_shape: list[int] | None = None
     macs: int = 0
-    activation: str = ""  # "relu", "sigmoid", "tanh" or "" — what consumes the output
+    activation: str = ""  # a kind of `ACTIVATION_NAMES` ("relu", "gelu", "tanh", ...) or "": what consumes the output
     in_optimizer: bool | None = None  # whether its trainable parameters are in the watched optimizer
 
     def to_json(self) -> dict[str, Any]:

@@ -54,9 +54,11 @@ STATISTICS: tuple[Statistic, ...] = (
               "activation std", "act std", "log", "always", key_column=4),
     Statistic("act_nonfinite", "count of NaN/Inf elements in the layer's output",
               "NaN/Inf in activations", "act NaN/Inf", "linear", "nonzero"),
-    Statistic("dead_frac", "fraction of units (conv channels, linear features) a ReLU never fired for over the "
-              "batch; NaN when no ReLU consumes the output",
-              "dead ReLU units", "dead units", "fraction", "always", key_column=2),
+    Statistic("dead_frac", "fraction of units (conv channels, linear features) a rectifier-like activation (ReLU, "
+              "ReLU6, LeakyReLU(0), clamp(min=0), GELU, SiLU, ...) never fired for over the batch: output 0, or "
+              "for a smooth one a pre-activation below its cutoff (output and derivative ~0); NaN when none "
+              "consumes the output",
+              "dead units (ReLU, GELU, SiLU, ...)", "dead units", "fraction", "always", key_column=2),
     Statistic("saturated_frac", "fraction of sigmoid/tanh outputs within 1% of their bounds; NaN when none "
               "consumes the output",
               "saturated sigmoid/tanh outputs", "saturated", "fraction", "always", key_column=3),
@@ -109,6 +111,9 @@ MODEL_STATISTICS: tuple[Statistic, ...] = (
     Statistic("nonfinite_where", "where the sentinel saw NaN/Inf born: 0 in the forward (a layer's output), 1 in "
               "the backward or the optimizer update (the weights), 2 in the model's input; NaN when unknown",
               "where NaN/Inf was born", "NaN where", "linear", "never"),
+    Statistic("lr_max", "the largest learning rate among the optimizer's param groups at this step: where it "
+              "stands against its peak tells a warm-up or a decayed schedule tail from a learning rate set too low",
+              "learning rate (largest group)", "lr", "log", "never"),
 )
 # fmt: on
 

@@ -127,7 +127,7 @@ def module_tree_graph(model: nn.Module) -> graph_pb2.GraphDef:
 
 
 def graph_events(model: nn.Module, args: tuple, kwargs: dict | None, traceable: bool = True) -> list[event_pb2.Event]:
-    """The events that put ``model``'s graph in the Graphs tab; warns when it falls back or traced one path.
+    """The events that put ``model``'s graph in the Graphs tab; warns only when it falls back to the module tree.
 
     ``traceable=False`` skips tracing (a sharded model, whose forward runs
     collectives that only one rank would join) and logs the module tree.
@@ -143,11 +143,9 @@ def graph_events(model: nn.Module, args: tuple, kwargs: dict | None, traceable: 
                 RuntimeWarning, stacklevel=2,
             )
         else:
-            if notes:
-                warnings.warn(
-                    "tbdiag: the model graph was traced along one path only (data-dependent control flow): "
-                    f"{notes[0]}", RuntimeWarning, stacklevel=2,
-                )
+            # The tracer's notes (data-dependent control flow drawn along the path this call took) are not passed
+            # on: the graph was drawn, training is unaffected, and every Hugging Face model would print one.
+            del notes
             tagged = event_pb2.TaggedRunMetadata(tag="step1", run_metadata=run_metadata.SerializeToString())
             return [event_pb2.Event(graph_def=graph_def.SerializeToString()),
                     event_pb2.Event(tagged_run_metadata=tagged)]

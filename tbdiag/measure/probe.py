@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed, stats
-from .layers import Layer
+from .layers import DEAD_BELOW, Layer
 from .modelinfo import macs_of
 
 #: Layer outputs of up to this many elements are measured together, in one batch of reductions at the end
@@ -164,8 +164,8 @@ class StepProbe:
             if len(self.held) >= BATCH_COUNT:
                 self.flush_outputs()
             return
-        if layer.relu_after:  # the untapped ReLU module that follows: its dead units, from its input
-            self.on_activation(layer, "relu", out)
+        if layer.relu_after:  # the untapped rectifier-like module that follows: its dead units, from its input
+            self.on_activation(layer, layer.relu_after, out)
         if not layer.is_activation:
             self.add("act", row, stats.activation_stats(out), float(out.numel()))
         if self.options.activation_histograms and layer.params:
@@ -203,37 +203,48 @@ class StepProbe:
                 for (layer, _), values in zip(group, stats.moments(flat)):
                     if not layer.is_activation:
                         self.add("act", layer.row, values, float(n))
-            if any(layer.relu_after for layer, _ in group):
-                for (layer, _), mask in zip(group, stats.dead_units_rows(x, dim)):
-                    if layer.relu_after:
-                        self._activation_seen(layer.row, "relu", mask, n)
+            # one reduction per cutoff among the group's rectifier-like kinds (nearly always one)
+            for below in {DEAD_BELOW[layer.relu_after] for layer, _ in group if layer.relu_after}:
+                for (layer, _), mask in zip(group, stats.dead_units_rows(x, dim, below)):
+                    if layer.relu_after and DEAD_BELOW[layer.relu_after] == below:
+                        self._activation_seen(layer.row, layer.relu_after, mask, n)
             hist = [j for j, (layer, _) in enumerate(group) if self.options.activation_histograms and layer.params]
             if hist:  # the group's samples in one copy (the stack is overwritten by the next group's)
                 self.add("act_hist_src", [group[j][0].row for j in hist],
                          stats.histogram_sample_rows(flat if len(hist) == len(group) else flat[hist]))
 
-    def on_activation(self, layer: Layer, kind: str, out: torch.Tensor) -> None:
-        """An activation of ``kind`` produced ``out`` from ``layer``'s output: its dead or saturated units."""
-        if kind == "relu":  # per-unit mask; several calls in one forward: dead only if dead in all
-            value = stats.dead_units(out, stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4))
+    def on_activation(self, layer: Layer, kind: str, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """An activation of ``kind`` took ``x`` (``layer``'s output) and made ``out`` (None: not made yet).
+
+        A rectifier-like one (`DEAD_BELOW`) gives its dead units, judged on
+        ``x``, its pre-activation (for the ReLU family its output is as good);
+        sigmoid/tanh their saturated fraction, from ``out``.
+        """
+        below = DEAD_BELOW.get(kind)
+        if below is not None:  # per-unit mask; several calls in one forward: dead only if dead in all
+            value = stats.dead_units(x, stats.unit_dim(x.shape, layer.channels_first or x.dim() >= 4), below)
         else:  # several calls (shared module, recurrent loop): the worst one counts
             value = stats.saturated_fraction(out, kind)
+        shown = out if out is not None else x
         at = self.images.get(layer.row)
         if at is not None and self.layout[at] == ("image", layer.row) and layer.row not in self.act_seen:
-            self.parts[at] = stats.feature_grid(out, self.options.max_image_channels, kind=kind)
-        self._activation_seen(layer.row, kind, value, out.numel())
+            scale = kind if below is None else "relu" if below == 0 else None  # (smooth ones: their own range)
+            self.parts[at] = stats.feature_grid(shown, self.options.max_image_channels, kind=scale)
+        self._activation_seen(layer.row, kind, value, shown.numel())
 
     def _activation_seen(self, row: int, kind: str, value: torch.Tensor, numel: int) -> None:
         prev = self.act_seen.get(row)
-        if prev is not None and prev[0] == kind and prev[1].shape == value.shape:
-            value = prev[1] & value if kind == "relu" else torch.maximum(prev[1], value)
+        dead = kind in DEAD_BELOW
+        if prev is not None and (prev[0] == kind or dead and prev[0] in DEAD_BELOW) and prev[1].shape == value.shape:
+            value = prev[1] & value if dead else torch.maximum(prev[1], value)
+            kind = prev[0]  # (two rectifier-like kinds on one output: dead only where dead for both)
         self.act_seen[row] = (kind, value, numel)
 
     def flush_activations(self) -> dict[int, str]:
         """Move the activation results into the step's parts; returns which activation consumes which row."""
         self.flush_outputs()  # (at the forward's end normally; here too, should that not have run)
         for row, (kind, value, n) in self.act_seen.items():
-            if kind == "relu":
+            if kind in DEAD_BELOW:
                 # the per-unit mask itself goes to the host (a few bytes per unit): fractions and the
                 # persistence over logged batches are computed there (`Assembler.dead_fractions`)
                 self.add("dead", row, value.reshape(-1))

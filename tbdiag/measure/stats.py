@@ -121,24 +121,27 @@ def unit_dim(shape: Sequence[int], channels_first: bool) -> int:
     return 1 if channels_first and len(shape) >= 3 else len(shape) - 1
 
 
-def dead_units(y: torch.Tensor, dim: int) -> torch.Tensor:
-    """Boolean mask over the units along ``dim``: True where the ReLU output is <= 0 for the whole batch.
+def dead_units(y: torch.Tensor, dim: int, below: float = 0.0) -> torch.Tensor:
+    """Boolean mask over the units along ``dim``: True where ``y`` is <= ``below`` for the whole batch.
 
-    The watcher ANDs the masks of consecutive logging steps: a unit that has
-    not fired in three logged batches is dead with far more confidence than
-    one silent over a single small batch.
+    ``y`` is a rectifier-like activation's pre-activation and ``below`` its
+    cutoff (`tbdiag.measure.layers.DEAD_BELOW`); for the ReLU family (cutoff
+    0) it may be the output as well: the ReLU output is <= 0 exactly where its
+    input is.  The watcher ANDs the masks of consecutive logging steps: a unit
+    that has not fired in three logged batches is dead with far more
+    confidence than one silent over a single small batch.
     """
     x = y.detach()
-    return _never_fired(x, dim) if x.dim() else _never_fired(x.reshape(1), 0)
+    return _never_fired(x, dim, below=below) if x.dim() else _never_fired(x.reshape(1), 0, below=below)
 
 
-def dead_units_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+def dead_units_rows(x: torch.Tensor, dim: int, below: float = 0.0) -> torch.Tensor:
     """`dead_units` of each of ``k`` outputs stacked as ``x`` (``[k, *shape]``): ``[k, units]``."""
-    return _never_fired(x, dim + 1, first=1)
+    return _never_fired(x, dim + 1, first=1, below=below)
 
 
-def _never_fired(x: torch.Tensor, unit: int, first: int = 0) -> torch.Tensor:
-    """True per unit (axis ``unit``) where no element is > 0: the maximum over the axes from ``first`` on.
+def _never_fired(x: torch.Tensor, unit: int, first: int = 0, below: float = 0.0) -> torch.Tensor:
+    """True per unit (axis ``unit``) where no element is > ``below``: the maximum over the axes from ``first`` on.
 
     The axes after the units go first (a contiguous reduction), then those
     before: on ``[N, C, H, W]`` two such reductions cost half of one over
@@ -148,7 +151,7 @@ def _never_fired(x: torch.Tensor, unit: int, first: int = 0) -> torch.Tensor:
         x = x.amax(dim=list(range(unit + 1, x.dim())))
     if unit > first:
         x = x.amax(dim=list(range(first, unit)))
-    return x <= 0
+    return x <= below
 
 
 def saturated_fraction(y: torch.Tensor, kind: str) -> torch.Tensor:

@@ -20,6 +20,7 @@ _EVALUATORS = {
     "vanishing_gradient": layer.vanishing_gradient,
     "exploding_gradient": layer.exploding_gradient,
     "saturated_activation": layer.saturated_activation,
+    "activation_growth": layer.activation_growth,
     "nonfinite": nonfinite.check_nonfinite,
     "frozen_layer": layer.frozen_layer,
     "no_gradient": loop.no_gradient,

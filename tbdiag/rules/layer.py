@@ -7,11 +7,14 @@ Pure numpy: hand-made arrays in, findings out.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
+from ..contract import schema
 from ..contract.rundata import RunData
-from . import update
-from .series import persistent
+from . import loop, update
+from .series import persistent, streaks
 from .table import Finding, Rule
 
 
@@ -85,8 +88,9 @@ def dead_relu(run: RunData, rule: Rule) -> list[Finding]:
         if not spans:
             continue
         last = spans[-1][1] - 1
-        name = run.table.layers[i].name
-        msg = (f"{name}: {_pct(float(dead[last, i]))} of its ReLU units never fire over a batch, since step "
+        name, kind = run.table.layers[i].name, run.table.layers[i].activation or "relu"
+        act = schema.ACTIVATION_NAMES.get(kind, kind)
+        msg = (f"{name}: {_pct(float(dead[last, i]))} of its {act} units never fire over a batch, since step "
                f"{int(run.steps[spans[0][0]])} (threshold {_pct(rule.threshold)})")
         out.append(_layer_finding(run, rule, i, spans, dead[:, i], msg, rule.threshold))
     return out
@@ -117,10 +121,46 @@ def exploding_gradient(run: RunData, rule: Rule) -> list[Finding]:
     rms = run.column("grad_rms")
     with np.errstate(invalid="ignore"):
         mask = np.isfinite(rms) & (rms > rule.threshold)
+        extreme = mask & (rms > rule.threshold * rule.params["at_once"])
+    # One logged step of a large gradient that the next one does not confirm is not an explosion (a stock HF
+    # conv at std 0.02 before a BatchNorm has a 14x gradient at step 0, gone by step 10); two in a row, or one
+    # far beyond the threshold, is.  NaN/Inf gradients are the nonfinite rule's, at once.
+    valid = np.isfinite(rms)
+    for i in range(mask.shape[1]):
+        need = max(1, min(rule.persistence, int(np.count_nonzero(valid[:, i]))))
+        for a, b in streaks(mask[:, i]):
+            if b - a < need and not extreme[a:b, i].any():
+                mask[a:b, i] = False
     return _per_layer(
-        run, rule, rms, mask,
+        run, replace(rule, persistence=1), rms, mask,
         lambda name, v, since: f"{name}: gradient RMS {v:.3g} exceeds {rule.threshold:g} from step {since}; "
         "gradients are exploding",
+        rule.threshold,
+    )
+
+
+def activation_growth(run: RunData, rule: Rule) -> list[Finding]:
+    mean = run.column("act_mean").astype(np.float64)
+    std = run.column("act_std").astype(np.float64)
+    rms = np.sqrt(mean ** 2 + std ** 2)
+    early = np.full(rms.shape[1], np.nan)
+    for i in range(rms.shape[1]):
+        rows = np.flatnonzero(np.isfinite(rms[:, i]))
+        if rows.size:
+            early[i] = rms[rows[0], i]
+    if not np.isfinite(early).any():
+        return []
+    # Against the larger of the layer's own start and the model's typical one: a projection that starts near 0
+    # (std-0.02 weights behind a uniform attention, a zero-initialised branch) grows to the model's scale by design.
+    base = np.fmax(early, np.nanmedian(early))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        growth = rms / base
+        mask = np.isfinite(growth) & (growth > rule.threshold)
+    return _per_layer(
+        run, rule, growth, mask,
+        lambda name, v, since: f"{name}: its output RMS is {v:.3g}x its early level (its own at the first logged "
+        f"step, or the median layer's if larger) since step {since} (threshold {rule.threshold:g}x); activations "
+        "are growing out of bounds",
         rule.threshold,
     )
 
@@ -182,10 +222,22 @@ def explain(findings: list[Finding], run: RunData) -> None:
       to the layers after it, so their ReLUs die with it.
     - A layer whose gradients vanish gets updates below float precision: its
       weights stop changing although it is in the optimizer.
+    - A dead layer's gradients are exactly zero (its units pass none back), and
+      so are those of the layers that feed only it: ``no_gradient`` findings of
+      exactly-zero gradients on it and on the layers right before it (every
+      trainable layer in between has them too) follow from it.
     """
     order = {name: i for i, name in enumerate(run.layer_names)}
     dead = [f for f in findings if f.issue == "dead_relu" and (f.value or 0) >= 0.9]
     vanishing = {f.layer for f in findings if f.issue == "vanishing_gradient"}
+    zero = {f.layer for f in findings if f.issue == "no_gradient" and loop.zero_gradient(run, f)}
+
+    def feeds(pos: int, dpos: int) -> bool:
+        """Every layer with trainable parameters in the optimizer from ``pos`` up to the dead layer at ``dpos``
+        gets exactly zero gradients."""
+        infos = run.table.layers
+        return 0 <= pos <= dpos and all(infos[j].name in zero or infos[j].trainable_params <= 0
+                                        or infos[j].in_optimizer is not True for j in range(pos, dpos))
 
     def demote(f: Finding, cause: Finding | None, why: str) -> None:
         f.severity = "info"
@@ -203,6 +255,11 @@ def explain(findings: list[Finding], run: RunData) -> None:
                 downstream = f.issue == "dead_relu" and pos > dpos
                 if (upstream or downstream) and f.first_step >= d.first_step and f is not d:
                     demote(f, d, f"explained by the dead layer {d.layer}")
+                    break
+        elif f.issue == "no_gradient" and f.layer in zero:
+            for d in dead:
+                if feeds(pos, order.get(d.layer or "", -1)) and f.first_step >= d.first_step:
+                    demote(f, d, f"explained by the dead layer {d.layer}: units that never fire pass no gradient back")
                     break
         elif f.issue == "frozen_layer" and f.layer in vanishing:
             info = run.table.layers[pos] if pos >= 0 else None

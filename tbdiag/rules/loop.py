@@ -1,7 +1,7 @@
 """How the rules about mistakes in the training loop (`tbdiag.rules`) are checked: pure numpy.
 
-``no_gradient`` reads the per-layer ``grad_params`` with the layer table's
-``trainable_params`` and ``in_optimizer``; the other three read model-level
+``no_gradient`` reads the per-layer ``grad_params`` and ``grad_norm`` with the layer
+table's ``trainable_params`` and ``in_optimizer``; the other three read model-level
 series that `tbdiag.watch.loop_watch` measures (``eval_mode_steps``,
 ``stale_gradients``, ``softmax_output``).
 """
@@ -16,30 +16,43 @@ from .table import Finding, Rule
 
 
 def no_gradient(run: RunData, rule: Rule) -> list[Finding]:
-    """Trainable parameters in the optimizer that get no gradient, logging step after logging step.
+    """Trainable parameters in the optimizer that get no gradient signal, logging step after logging step.
 
-    Only layers the optimizer holds (``in_optimizer`` True): a layer left out
-    of it (a teacher or EMA copy used under ``no_grad``) is not meant to
-    train, and without an optimizer nothing says which layers are.  A layer
-    that ran in the training forward (its output was measured) was cut off the
-    graph: a warning.  One that never ran (a pooler the task head does not
-    use, a branch skipped in training) is reported as info.
+    No signal is either no gradient at all (``.grad`` None: ``grad_params``
+    at or below the threshold) or gradients that are all exactly zero
+    (``grad_norm`` 0: a dead layer, a fully masked attention, a product with
+    zero), whatever the optimizer.  Only layers the optimizer holds
+    (``in_optimizer`` True): a layer left out of it (a teacher or EMA copy
+    used under ``no_grad``) is not meant to train, and without an optimizer
+    nothing says which layers are.  A layer that ran in the training forward
+    (its output was measured) was cut off the graph, or its gradient is
+    zeroed on the way back: a warning (`tbdiag.rules.layer.explain` makes
+    the zero gradients of a dead layer and of the layers feeding it info).
+    One that never ran (a pooler the task head does not use, a branch skipped
+    in training) is reported as info.
     """
     grads = run.column("grad_params").astype(np.float64)
+    norms = run.column("grad_norm").astype(np.float64)
     ran = np.isfinite(run.column("act_mean"))
     out = []
     for i, info in enumerate(run.table.layers):
         if info.trainable_params <= 0 or info.in_optimizer is not True:
             continue
         valid = np.isfinite(grads[:, i])
-        mask = valid & (grads[:, i] <= rule.threshold)
-        spans = persistent(mask, valid, rule.persistence)
+        none = valid & (grads[:, i] <= rule.threshold)
+        zero = valid & ~none & (norms[:, i] == 0)  # (NaN norms compare unequal)
+        spans = persistent(none | zero, valid, rule.persistence)
         if not spans:
             continue
         first, last = spans[0][0], spans[-1][1] - 1
         since = int(run.steps[first])
         in_forward = any(ran[a:b, i].any() for a, b in spans)
-        if in_forward:
+        if in_forward and zero[last]:
+            message = (f"{info.name}: trainable and in the optimizer, and its parameters get gradients, but they "
+                       f"have all been exactly zero since step {since}: no gradient signal reaches it (a layer "
+                       "whose units never fire after it, a fully masked attention, a product with zero, or a "
+                       "graph cut behind zero_grad(set_to_none=False))")
+        elif in_forward:
             message = (f"{info.name}: trainable and in the optimizer, but none of its parameters has received a "
                        f"gradient since step {since}, although it runs in the forward: the graph is cut between it "
                        "and the loss (torch.no_grad(), .detach(), .data, a round trip through numpy or .item())")
@@ -49,7 +62,8 @@ def no_gradient(run: RunData, rule: Rule) -> list[Finding]:
                        "not use, or a branch only evaluation takes)")
         out.append(Finding(
             run=run.name, layer=info.name, issue=rule.name, severity=rule.severity if in_forward else "info",
-            first_step=since, last_step=int(run.steps[last]), value=float(grads[last, i]), message=message,
+            first_step=since, last_step=int(run.steps[last]),
+            value=float(norms[last, i] if zero[last] else grads[last, i]), message=message,
             threshold=rule.threshold, statistic=rule.statistic, advice=rule.advice,
             ongoing=last == len(run.steps) - 1,
             spans=tuple((int(run.steps[a]), int(run.steps[b - 1])) for a, b in spans),
@@ -113,4 +127,13 @@ def softmax_output(run: RunData, rule: Rule) -> list[Finding]:
         "the logits twice and the loss stalls above its floor")
 
 
-__all__ = ["no_gradient", "eval_mode_training", "stale_gradients", "softmax_output"]
+def zero_gradient(run: RunData, finding: Finding) -> bool:
+    """Whether a ``no_gradient`` finding is of gradients that are exactly zero (at its last step), not absent."""
+    if finding.layer not in run.layer_names:
+        return False
+    at = int(np.searchsorted(run.steps, finding.last_step))
+    grads = run.column("grad_params")[:, run.layer_names.index(finding.layer)]
+    return at < len(grads) and bool(grads[at] > 0)
+
+
+__all__ = ["no_gradient", "zero_gradient", "eval_mode_training", "stale_gradients", "softmax_output"]

@@ -174,6 +174,23 @@ def _spike_size(jump: float, noise: float, learned: float) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def _beyond_its_bounces(jump: np.ndarray, candidate: np.ndarray, history: float) -> np.ndarray:
+    """Where a departure from the running best exceeds ``history`` x the largest bounce the curve made before.
+
+    A bounce is a departure that was not itself a spike candidate, counted once it is two smoothing windows
+    old (so the rise of a jump is not its own history).  Noisy labels or SGD with momentum make a curve
+    bounce by design; a spike departs from that history, and a second breakdown after a recovery still counts.
+    """
+    out = np.ones(len(jump), dtype=bool)
+    lag = 2 * _START
+    largest = 0.0
+    for t in range(len(jump)):
+        if t >= lag and not candidate[t - lag] and np.isfinite(jump[t - lag]):
+            largest = max(largest, float(jump[t - lag]))
+        out[t] = jump[t] > history * largest
+    return out
+
+
 def loss_spike(run: RunData, rule: Rule) -> list[Finding]:
     """The smoothed loss jumps far above its running best: in noise units and against what was learned."""
     out = []
@@ -187,11 +204,13 @@ def loss_spike(run: RunData, rule: Rule) -> list[Finding]:
         start = _start_level(values)
         learned = np.maximum(start - prev_best, 0.0)
         scale = np.maximum(learned, 0.0)
+        with np.errstate(invalid="ignore"):
+            jump = smooth - prev_best
         need = np.maximum.reduce([np.full(len(values), z * noise_sd(values)), rule.threshold * scale,
                                   rule.params["relative"] * np.abs(np.where(np.isfinite(prev_best), prev_best, 0))])
         with np.errstate(invalid="ignore"):
-            jump = smooth - prev_best
             mask = np.isfinite(prev_best) & (jump > need) & (need > 0)
+        mask &= _beyond_its_bounces(jump, mask, rule.params["history"])
         for a, b in _episodes(mask, rule.persistence, gap=_START):
             top = a + int(np.argmax(smooth[a:b]))
             out.append(_finding(

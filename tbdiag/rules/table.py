@@ -77,11 +77,14 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(
         name="dead_relu",
-        statistic="dead_frac: fraction of a layer's units (conv channels, linear features) whose ReLU output is 0 "
-                  "for every sample of the batch",
+        statistic="dead_frac: fraction of a layer's units (conv channels, linear features) whose rectifier-like "
+                  "activation (ReLU, ReLU6, LeakyReLU(0), clamp(min=0), GELU, SiLU, ...) gives output and "
+                  "derivative ~0 for every sample of the batch",
         threshold=0.5, persistence=3, severity="warning",
         source="SageMaker Debugger DeadRelu rule (flags a layer when over 50% of its ReLUs are inactive); "
-               "AUTOTRAINER's dying-ReLU check",
+               "AUTOTRAINER's dying-ReLU check. Smooth rectifiers (GELU, SiLU) count a unit dead below the "
+               "pre-activation where both the output and its derivative stay under 1e-2 (tbdiag.measure.layers."
+               "DEAD_BELOW: GELU -3.1, SiLU -6.5)",
         why="A unit that never fires passes no gradient, so it cannot learn its way back: the layer has lost "
             "that capacity for good.",
         advice="Lower the learning rate; use He/Kaiming initialisation and zero or small positive biases; "
@@ -112,16 +115,37 @@ RULES: tuple[Rule, ...] = (
     Rule(
         name="exploding_gradient",
         statistic="grad_rms: a layer's gradient RMS (per element)",
-        threshold=10.0, persistence=1, severity="error",
+        threshold=10.0, persistence=2, severity="error",
+        params={"at_once": 100.0},
         source="cs231n 'Neural Networks Part 3': healthy updates are ~1e-3 of the weights, so a per-element "
                "gradient above 10 overshoots any usual weight scale at any usual learning rate; "
                "DeepDiagnosis/AUTOTRAINER flag gradients growing past a fixed bound",
         why="Huge gradients throw the weights far away in one step; the loss jumps and soon turns NaN. It fires "
-            "on the first logging step because the NaN usually follows within a few steps.",
+            "when two logged steps in a row agree, or at once beyond `at_once` x the threshold: a single large "
+            "step that the next one does not confirm (a stock initialisation settling) is not an explosion, and "
+            "a NaN that follows is named at its exact step by the nonfinite rule.",
         advice="Lower the learning rate; check the initialisation scale; clip gradients "
                "(torch.nn.utils.clip_grad_norm_); normalise inputs and regression targets.",
         word="exploding", reads=("grad_rms",),
         lines=(ThresholdLine("grad_rms", "above", "exploding_gradient"),),
+    ),
+    Rule(
+        name="activation_growth",
+        statistic="the RMS of a layer's output (from act_mean and act_std) against its early level: its own at "
+                  "the first logged step, or the median layer's when that is larger",
+        threshold=100.0, persistence=3, severity="warning",
+        source="Rybakov et al. (2024), 'Methods of improving LLM training stability': the output norms of linear "
+               "layers grow before a transformer diverges; Wortsman et al. (2023), 'Small-scale proxies for "
+               "large-scale Transformer training instabilities'. 100x is tbdiag's choice: healthy recipes grow "
+               "up to ~50x (ConvNeXt's projections behind a LayerScale at 1e-6), GPT-2 at lr 0.1 without warm-up "
+               "100-1800x within its first logging intervals. A layer that starts below the median layer (a projection behind a uniform "
+               "attention at init, a zero-initialised branch) is compared with the median: growing to the model's "
+               "scale is learning",
+        why="Activations that grow many times over feed ever larger logits and gradients; with a learning rate "
+            "too high this shows in the first logging intervals, long before the loss turns NaN.",
+        advice="Lower the (peak) learning rate and add warm-up; clip gradients; check normalisation layers sit "
+               "where the architecture expects them (pre-LN); consider QK-layernorm or z-loss for large models.",
+        word="growing", reads=("act_std", "act_mean"),
     ),
     Rule(
         name="saturated_activation",
@@ -165,20 +189,21 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         name="no_gradient",
-        statistic="grad_params: how many of a layer's parameter tensors received a gradient, for layers with "
-                  "trainable parameters that are all in the watched optimizer (act_mean: whether it ran in the "
-                  "forward)",
+        statistic="grad_params: how many of a layer's parameter tensors received a gradient, and grad_norm: "
+                  "whether those gradients are exactly zero, for layers with trainable parameters that are all in "
+                  "the watched optimizer (act_mean: whether it ran in the forward)",
         threshold=0.0, persistence=3, severity="warning",
         source="PyTorch 'Autograd mechanics: locally disabling gradient computation' (results computed under "
                "torch.no_grad() or .detach() carry no gradient back); DistributedDataParallel refuses parameters "
                "that receive no gradient unless find_unused_parameters=True",
         why="The optimizer holds the layer and it is meant to train, but no gradient reaches it: something in "
-            "the forward cut it off the graph, so its weights stay at their initial values. A layer that never "
-            "runs in the training forward is reported as info: an unused module.",
+            "the forward cut it off the graph, or everything after it passes back exact zeros (a dead block, a "
+            "fully masked attention), so its weights move by weight decay alone. A layer that never runs in the "
+            "training forward is reported as info: an unused module.",
         advice="Look for torch.no_grad(), .detach(), .data, .item() or a numpy round trip between this layer and "
                "the loss; if the layer is meant to stay fixed, set requires_grad=False (or leave it out of the "
                "optimizer); delete modules the forward never uses.",
-        word="no grad", reads=("grad_params", "act_mean"),
+        word="no grad", reads=("grad_params", "grad_norm", "act_mean"),
         lines=(ThresholdLine("grad_params", "below", "no_gradient"),),
     ),
     Rule(
@@ -260,13 +285,15 @@ RULES: tuple[Rule, ...] = (
     Rule(
         name="loss_spike",
         statistic="a training loss scalar (rolling median of 5) against its running best: a jump above z noise "
-                  "units, above threshold x what was learned so far (start - best) and above relative x the best, "
-                  "for persistence values",
+                  "units, above threshold x what was learned so far (start - best), above relative x the best and "
+                  "above history x the largest departure the curve made before, for persistence values",
         threshold=0.25, persistence=3, severity="warning",
-        params={"z": 6.0, "relative": 0.5},
+        params={"z": 6.0, "relative": 0.5, "history": 2.0},
         source="Loss-spike practice of large-model training (PaLM, Chowdhery et al. 2022; OPT logbook): a jump "
                "far above the running best that does not fall back within a few batches; 6 noise units and a "
-               "quarter of the progress are tbdiag's choice, beyond any batch-to-batch wobble",
+               "quarter of the progress are tbdiag's choice, beyond any batch-to-batch wobble. `history`: a "
+               "spike departs from the run's own history of bounces (noisy labels, SGD with momentum bounce by "
+               "design); twice the largest earlier departure is tbdiag's choice",
         why="Training that loses much of what it had learned in a few steps was knocked off course: a bad batch, "
             "an instability, or a part of the model that broke (a layer dying mid-run).",
         advice="Look at the layers flagged at that step (dead, NaN, exploding); skip or inspect the batches at the "
@@ -277,11 +304,13 @@ RULES: tuple[Rule, ...] = (
         name="loss_oscillation",
         statistic="a training loss scalar (rolling median of 5): moves up and down between turns, each at least "
                   "threshold x the loss level (and progress x what was learned), with lows that do not climb",
-        threshold=1.0, persistence=3, severity="warning",
+        threshold=1.0, persistence=4, severity="warning",
         params={"progress": 0.5},
         source="Goodfellow, Bengio & Courville, 'Deep Learning' sec. 8.3 and cs231n 'Neural Networks Part 3': a "
                "learning rate too high (or cycling too high) makes the loss bounce instead of descend; swings as "
-               "large as the level itself (3 of them) are tbdiag's choice, far beyond batch noise",
+               "large as the level itself, 4 up and 4 down, are tbdiag's choice: batch noise around a flat loss with 10% "
+               "label noise makes 3 by chance (a healthy ResNet with SGD and momentum), a loss that unlearns "
+               "what alternating batches taught makes 5",
         why="A loss that keeps doubling and halving does not converge: each step overshoots the valley the last "
             "one aimed for. It is not divergence: its lows do not climb.",
         advice="Lower the (peak) learning rate; for a cyclic schedule lower max_lr; add momentum damping or "
@@ -307,23 +336,31 @@ RULES: tuple[Rule, ...] = (
         name="update_too_large",
         statistic="update_ratio: ||w_after - w_before|| / ||w_after|| of a layer over one optimizer step",
         threshold=0.1, persistence=3, severity="warning",
+        params={"zero_init": 1e-4},
         source="cs231n 'Neural Networks Part 3' (a healthy update/weight ratio is about 1e-3); DeepDiagnosis "
                "(Wardat et al., ICSE 2022) and TheDeepChecker (Ben Braiek & Khomh, 2022) use 1e-1 as the upper "
-               "bound of a healthy update",
+               "bound of a healthy update. `zero_init`: a layer whose weights start with an RMS below it "
+               "(LayerScale at 1e-6, ReZero and adaLN-Zero gains, position-bias tables at 0) grows from nothing "
+               "by design, so its ratio is not judged until it reaches half its latest size",
         why="A step that moves a layer's weights by a tenth of their size throws away what it learned each step; "
             "the loss bounces or blows up, and ReLUs die.",
         advice="Lower the learning rate (of this layer's param group); add warm-up; clip gradients; check the "
                "layer's initialisation is not near zero.",
-        word="big steps", reads=("update_ratio",),
+        word="big steps", reads=("update_ratio", "weight_norm"),
         lines=(ThresholdLine("update_ratio", "above", "update_too_large"),),
     ),
     Rule(
         name="update_too_small",
         statistic="update_ratio: ||w_after - w_before|| / ||w_after|| of a layer over one optimizer step "
-                  "(non-zero; a warm-up stretch at the start does not count)",
+                  "(non-zero; a warm-up stretch at the start and a schedule decayed below `lr_floor` of its peak "
+                  "do not count; normalisation layers are held to `norm_scale` x the threshold)",
         threshold=1e-5, persistence=3, severity="warning",
+        params={"lr_floor": 0.1, "norm_scale": 0.02},
         source="cs231n 'Neural Networks Part 3' (a healthy update/weight ratio is about 1e-3); DeepDiagnosis "
-               "(Wardat et al., ICSE 2022) uses 1e-5 as the lower bound of a healthy update (TheDeepChecker 1e-4)",
+               "(Wardat et al., ICSE 2022) uses 1e-5 as the lower bound of a healthy update (TheDeepChecker 1e-4). "
+               "`lr_floor`: the tail of a cosine or step schedule is the warm-up's mirror, a planned slow-down. "
+               "`norm_scale`: under Adam every element moves by about the learning rate whatever its size, so a "
+               "norm gain near 1.0 reads 30-50x lower than a weight matrix at std 0.02 on a healthy run",
         why="Weights that move by less than 1e-5 of their size per step need some 100,000 steps to change at all: "
             "the layer is as good as frozen.",
         advice="Raise the learning rate (of this layer's param group: a group left at ~0, or a scheduler that "

@@ -34,6 +34,45 @@ def optimizer_of(run: RunData) -> str | None:
     return str(name) if name else None
 
 
+#: Layer types that normalise (LayerNorm, RMSNorm and HF's LlamaRMSNorm/T5LayerNorm, BatchNorm*, GroupNorm,
+#: InstanceNorm): their gains sit near 1.0 and their biases near 0, far from a weight matrix's scale.
+NORM_TYPES = re.compile(r"norm", re.IGNORECASE)
+
+
+def lr_fraction(run: RunData) -> np.ndarray:
+    """``[steps]``: the largest group learning rate at each logging step over its peak in the run.
+
+    NaN where the writer recorded none (runs without ``optimizer=``, older runs).
+    """
+    out = np.full(len(run.steps), np.nan)
+    steps, values = run.model_series("lr_max")
+    finite = np.isfinite(values)
+    if not finite.any() or not np.max(values[finite]) > 0:
+        return out
+    peak = float(np.max(values[finite]))
+    at = dict(zip(steps.tolist(), (values / peak).tolist()))
+    return np.array([at.get(int(step), np.nan) for step in run.steps])
+
+
+def weight_rms(run: RunData) -> np.ndarray:
+    """``[steps, layers]``: the RMS of a layer's own parameters (weight_norm over the root of their count)."""
+    counts = np.array([max(layer.params, 1) for layer in run.table.layers], dtype=np.float64)
+    return run.column("weight_norm").astype(np.float64) / np.sqrt(counts)
+
+
+def _growing_from_zero(run: RunData, zero_init: float) -> np.ndarray:
+    """``[steps, layers]``: True while a layer that started near zero by design has not yet grown to half its size."""
+    norm = run.column("weight_norm").astype(np.float64)
+    rms = weight_rms(run)
+    out = np.zeros(norm.shape, dtype=bool)
+    for i in range(norm.shape[1]):
+        rows = np.flatnonzero(np.isfinite(norm[:, i]))
+        if rows.size and rms[rows[0], i] < zero_init:
+            with np.errstate(invalid="ignore"):
+                out[:, i] = norm[:, i] < 0.5 * norm[rows[-1], i]
+    return out
+
+
 def _findings(run: RunData, rule: Rule, ratio: np.ndarray, mask: np.ndarray, describe) -> list[Finding]:
     out = []
     valid = np.isfinite(ratio)
@@ -63,6 +102,7 @@ def update_too_large(run: RunData, rule: Rule) -> list[Finding]:
     ratio = run.column("update_ratio").astype(np.float64)
     with np.errstate(invalid="ignore"):
         mask = np.isfinite(ratio) & (ratio > rule.threshold)
+    mask &= ~_growing_from_zero(run, rule.params["zero_init"])
     return _findings(
         run, rule, ratio, mask,
         lambda name, v, since: f"{name}: each optimizer step moves its weights by {v:.2g} of their size "
@@ -72,12 +112,17 @@ def update_too_large(run: RunData, rule: Rule) -> list[Finding]:
 def update_too_small(run: RunData, rule: Rule) -> list[Finding]:
     """The layer's weights move, but by less than ``threshold`` of their size per step (0 is frozen_layer's)."""
     ratio = run.column("update_ratio").astype(np.float64)
+    norms = np.array([bool(NORM_TYPES.search(layer.type)) for layer in run.table.layers], dtype=bool)
+    limit = np.where(norms, rule.threshold * rule.params["norm_scale"], rule.threshold)
     with np.errstate(invalid="ignore"):
-        mask = np.isfinite(ratio) & (ratio > 0) & (ratio < rule.threshold)
+        mask = np.isfinite(ratio) & (ratio > 0) & (ratio < limit)
+        mask &= ~(lr_fraction(run) < rule.params["lr_floor"])[:, None]  # a decayed schedule tail is planned
+    by_name = dict(zip(run.layer_names, limit))
     return _findings(
         run, rule, ratio, mask,
         lambda name, v, since: f"{name}: each optimizer step moves its weights by only {v:.2g} of their size "
-        f"(below {rule.threshold:g}) since step {since}; it learns far slower than a healthy ~1e-3")
+        f"(below {by_name[name]:g}) since step {since}, with the learning rate near its peak; it learns far "
+        "slower than a healthy ~1e-3")
 
 
 def learns_by_update(run: RunData, rule: Rule) -> np.ndarray:
@@ -85,12 +130,16 @@ def learns_by_update(run: RunData, rule: Rule) -> np.ndarray:
 
     All False when the optimizer is not adaptive (or not recorded): there the
     gradient alone tells, as the vanishing_gradient rule has always read it.
+    The ``update`` bar follows the schedule: an adaptive step is proportional to
+    the learning rate, so at a tenth of the peak rate a tenth of the update is
+    the same learning (and a schedule decayed to 0 stops every layer alike).
     """
     ratio = run.column("update_ratio").astype(np.float64)
     if not is_adaptive(optimizer_of(run)):
         return np.zeros(ratio.shape, dtype=bool)
+    schedule = np.nan_to_num(lr_fraction(run), nan=1.0)[:, None]
     with np.errstate(invalid="ignore"):
-        return np.isfinite(ratio) & (ratio >= rule.params["update"])
+        return np.isfinite(ratio) & (ratio >= rule.params["update"] * schedule)
 
 
 def explain(findings: list[Finding], run: RunData) -> None:
@@ -105,5 +154,5 @@ def explain(findings: list[Finding], run: RunData) -> None:
             f.message += f" (follows from its {cause.issue.replace('_', ' ')})"
 
 
-__all__ = ["ADAPTIVE_OPTIMIZERS", "is_adaptive", "optimizer_of", "update_too_large", "update_too_small",
-           "learns_by_update", "explain"]
+__all__ = ["ADAPTIVE_OPTIMIZERS", "NORM_TYPES", "is_adaptive", "optimizer_of", "lr_fraction", "weight_rms",
+           "update_too_large", "update_too_small", "learns_by_update", "explain"]

@@ -11,7 +11,7 @@ Item kinds and keys (what `tbdiag.measure.probe.StepProbe` measures):
 kind           key                  value
 =============  ===================  =============================================
 ``act``        layer row            ``[mean, std, NaN/Inf count]`` of its output
-``dead``       layer row            per-unit mask: the ReLU never fired
+``dead``       layer row            per-unit mask: never fired (rectifier-like)
 ``sat``        layer row            ``[saturated fraction]``
 ``w_norm``     None (all params)    per-parameter weight norms
 ``g_norm``     parameter positions  per-parameter gradient norms
@@ -124,6 +124,9 @@ class Assembler:
             elif kind == "model":
                 record.model[key] = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
         g_norm, has_g = self._parameter_rows(health, params, norms, nonfinite)
+        finite_lrs = [lr for lr in lrs if math.isfinite(lr)]
+        if finite_lrs:
+            record.model["lr_max"] = max(finite_lrs)
         if scalars:
             if has_g.any():  # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ reports
                 record.scalars.append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[has_g] ** 2)))))

@@ -14,8 +14,12 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..measure.layers import ACTIVATION_KINDS, Layer, first_tensor
+from ..measure.layers import ACTIVATION_KINDS, DEAD_BELOW, Layer, call_kind, first_tensor
 from ..measure.probe import StackBuffer, StepProbe, autocast_device, no_autocast
+
+#: Rectifier-like kinds judged on their pre-activation (smooth ones: GELU, SiLU, ...): measured before the op
+#: runs, as an in-place one (``nn.SiLU(inplace=True)``) overwrites it.
+_BEFORE = frozenset(kind for kind, below in DEAD_BELOW.items() if below < 0)
 
 
 class Busy(threading.local):
@@ -33,12 +37,20 @@ class _ActivationSpy(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         kind = ACTIVATION_KINDS.get(func)
-        if kind is not None and not self.tap.busy.value:
-            x = args[0] if args else kwargs.get("input")
-            if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
-                self.tap.spy_activation(kind, x, out)
+        # (inside an activation module its own hooks measure it, whatever ops it is made of)
+        if kind is None or self.tap.busy.value or self.tap.in_activation_module:
+            return func(*args, **kwargs)
+        kind = call_kind(kind, func, args, kwargs)
+        x = args[0] if args else kwargs.get("input")
+        if kind is None or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return func(*args, **kwargs)
+        if kind in _BEFORE:  # judged on its input, which an in-place call overwrites
+            self.tap.spy_activation(kind, x, None)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            self.tap.spy_activation(kind, x, out)
         return out
 
 
@@ -66,7 +78,7 @@ class ForwardTap:
         self._act_stack: list[int] = []
         self.stack_buffer = StackBuffer()  # kept across logging steps
         self._layer_hook = guard("layer hook", lambda layer, module, args, out: self._on_output(layer, args, out))
-        self._act_pre = guard("layer hook", lambda layer, module, args: self._act_stack.append(layer.row))
+        self._act_pre = guard("layer hook", lambda layer, module, args: self._on_input(layer, args))
         self.spy_activation = guard("activation spy", self.on_activation)
 
     def open(self, probe: StepProbe, spy_due: bool, describe: bool) -> None:
@@ -86,7 +98,7 @@ class ForwardTap:
         if self._learn:
             self._relu_inputs.clear()
             for layer in self.layers:
-                layer.relu_after = layer.untapped = False
+                layer.relu_after, layer.untapped = None, False
         attributing = False  # some activation is attributed to the layer it follows in this forward
         for layer in self.layers:
             if layer.untapped:
@@ -121,8 +133,14 @@ class ForwardTap:
             self.probe.producers.clear()
         self.probe = self.thread = None
 
+    @property
+    def in_activation_module(self) -> bool:
+        """Whether an activation module's forward is running (its own hooks measure it)."""
+        return bool(self._act_stack)
+
     def _learn_untapped(self, probe: StepProbe) -> None:
-        """After a forward that tapped every layer: which ReLU modules the next forwards can leave untapped.
+        """After a forward that tapped every layer: which rectifier-like modules the next forwards can leave
+        untapped (their dead units come from the output of the layer they follow, their pre-activation).
 
         Those whose every call took, as it was, the output of a layer that ran
         once in this forward (not a sum, a slice, or a reused layer's output).
@@ -131,7 +149,7 @@ class ForwardTap:
             if inputs and all(t is not None and probe.calls.get(t) == 1 for t in inputs):
                 self.layers[row].untapped = True
                 for t in inputs:
-                    self.layers[t].relu_after = True
+                    self.layers[t].relu_after = self.layers[row].activation_kind
         self._relu_inputs.clear()
 
     def pop_spy(self) -> None:
@@ -145,7 +163,8 @@ class ForwardTap:
             return None  # a forward on another thread, or outside the training forward being measured
         out = first_tensor(output)
         if layer.is_activation:
-            if self.spy is None and out is not None and args and isinstance(args[0], torch.Tensor):
+            if (layer.activation_kind not in _BEFORE and out is not None and args
+                    and isinstance(args[0], torch.Tensor)):
                 self.on_activation(layer.activation_kind, args[0], out)  # before `out` is registered below
             if self._act_stack and self._act_stack[-1] == layer.row:
                 self._act_stack.pop()
@@ -153,6 +172,15 @@ class ForwardTap:
             return None
         self._measure(probe.record_output, out, layer, args, out, describe=self._describe)
         return None
+
+    def _on_input(self, layer: Layer, args: tuple) -> None:
+        """An activation module's forward begins: its calls are its own; a smooth rectifier-like one is measured
+        now, on its input (an in-place one overwrites it)."""
+        if self.probe is None or threading.get_ident() != self.thread:
+            return
+        self._act_stack.append(layer.row)
+        if layer.activation_kind in _BEFORE and args and isinstance(args[0], torch.Tensor):
+            self.on_activation(layer.activation_kind, args[0], None)
 
     def _measure(self, fn: Callable, out: torch.Tensor | None, *args: Any, **kwargs: Any) -> None:
         """Run one of the probe's measurements: marked busy, past the spy, in float32 whatever autocast picks.
@@ -170,22 +198,24 @@ class ForwardTap:
         finally:
             self.busy.value = False
 
-    def on_activation(self, kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """An activation function ran on ``x``: attribute it to the layer that produced ``x``."""
+    def on_activation(self, kind: str, x: torch.Tensor, out: torch.Tensor | None) -> None:
+        """An activation function ran (``out``), or is about to run (None), on ``x``: attribute it to the layer
+        that produced ``x``."""
         probe = self.probe
         if self.spy is not None and not self._act_stack:
             self.functional_activations = True  # applied outside any activation module: keep the spy on
-        if probe is None or out.numel() == 0:
+        if probe is None or x.numel() == 0 or not x.is_floating_point():
             return
         produced = probe.producer(x)
         target = produced[0] if produced is not None else None
         if self._learn and self._act_stack:  # inside an activation module: does it take a layer's output as is?
             module_row = self._act_stack[-1]
             as_is = produced is not None and produced[1]
-            follows = target if as_is and kind == "relu" and self.layers[module_row].activation_kind == "relu" else None
+            same = kind in DEAD_BELOW and self.layers[module_row].activation_kind == kind
+            follows = target if as_is and same else None
             self._relu_inputs.setdefault(module_row, []).append(follows)
         if target is None and self._act_stack:
             target = self._act_stack[-1]
         if target is None:
             return
-        self._measure(probe.on_activation, out, self.layers[target], kind, out)
+        self._measure(probe.on_activation, x, self.layers[target], kind, x, out)

@@ -24,6 +24,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..writer import DiagnosticWriter
 
 
+def group_lr(group: Mapping[str, Any]) -> float:
+    """A param group's learning rate as a float; NaN when it has none to read without waiting for a device.
+
+    Adafactor's relative-step mode keeps ``lr=None``; a capturable optimizer may hold a device tensor, whose
+    value on an accelerator would cost a sync (a CPU tensor is read).
+    """
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else float("nan")
+    try:
+        return float(lr)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 class StepRecorder:
     """Collects parameters into a probe and turns a finished probe into a written `StepRecord`."""
 
@@ -89,7 +104,7 @@ class StepRecorder:
         if self.rank is not None and not self.rank.writes:
             return
         index = self.param_index()
-        lrs = [float(g.get("lr", float("nan"))) for g in self.optimizer.param_groups] if self.optimizer else []
+        lrs = [group_lr(g) for g in self.optimizer.param_groups] if self.optimizer else []
         items = probe.to_host()
         extra = after_sync() if after_sync is not None else []
         if not self.table_written:
