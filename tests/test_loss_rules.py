@@ -157,3 +157,13 @@ def test_a_loss_that_stops_learning_when_a_layer_dies_follows_from_that_layer():
     healthy = make_run(n_steps=n_steps, losses={"train/loss": (steps, loss)})
     healthy.table.extra["output_width"] = 10
     assert any(f.severity == "warning" for f in evaluator.evaluate(healthy) if f.layer is None)
+
+
+def test_a_blow_up_inside_the_first_values_is_divergence():
+    """lr far too high without warm-up: the loss leaves its starting value at once and never comes back."""
+    v = np.concatenate([[2.3, 4.0, 6.5, 8.0, 9.0], 9.0 + np.abs(_noise(0.2))[5:]])
+    found = [f for f in evaluator.evaluate(loss_run(train__loss=(STEPS, v))) if f.issue == "loss_divergence"]
+    assert len(found) == 1 and "starting 2.3" in found[0].message, [f.message for f in found]
+    # a healthy fast start (the first values fall) keeps the median of the first values as its start
+    healthy = 2.3 * np.exp(-STEPS / 20) + 0.05 + np.abs(_noise(0.01))
+    assert serious(loss_run(train__loss=(STEPS, healthy))) == []

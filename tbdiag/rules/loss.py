@@ -51,7 +51,12 @@ def _finding(run: RunData, rule: Rule, steps: np.ndarray, first: int, last: int,
 
 
 def _start_level(values: np.ndarray) -> float:
-    return float(np.median(values[:_START]))
+    """Where a curve starts: the median of its first values, or its first value if lower.
+
+    The median shrugs off one wild first batch; the first value keeps a loss that blows up within the first
+    values (a learning rate far too high, no warm-up) from raising its own starting line.
+    """
+    return float(min(values[0], np.median(values[:_START])))
 
 
 # ---------------------------------------------------------------------------
@@ -147,7 +152,8 @@ def loss_plateau(run: RunData, rule: Rule) -> list[Finding]:
                 run, rule, steps, half, len(values) - 1, h_last,
                 f"loss '{tag}' stays at {h_last:.4g}, the chance level ln {classes} = {chance:.4g} of a "
                 f"{classes}-way output, since step {int(steps[half])}: the model predicts no better than "
-                "guessing (labels that do not match the inputs?)", chance))
+                "guessing (labels that do not match the inputs?). Chance assumes the data uses all "
+                f"{classes} outputs as classes", chance))
     return out
 
 
