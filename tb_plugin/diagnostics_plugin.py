@@ -104,7 +104,10 @@ class GzippedJSON(bytes):
 def _dumps(body: Any) -> str:
     # Payloads already encode non-finite floats as strings; allow_nan=False
     # turns any slip into an error here instead of invalid JSON in the browser.
-    return json.dumps(body, allow_nan=False, separators=(",", ":"))
+    text = json.dumps(body, allow_nan=False, separators=(",", ":"))
+    # <, > and & only occur inside JSON strings: as \u escapes they decode the same and can never be read as
+    # markup (names from the user's model and logdir, and request values echoed in an error)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _error(request: wrappers.Request, message: str, code: int) -> wrappers.Response:

@@ -13,6 +13,8 @@ checked against a run.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
@@ -483,8 +485,10 @@ def resolve(thresholds: Mapping[str, float] | None = None) -> dict[str, Rule]:
         rule = rules[name]
         try:
             value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"threshold {key!r} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"threshold {key!r} must be a number, finite, e.g. {key}=0.5") from None
         if not part:
             rules[name] = replace(rule, threshold=value)
         elif part == "persistence":
