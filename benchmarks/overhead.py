@@ -696,10 +696,10 @@ def _markdown(head: list[str], rows: list[list[str]], out) -> None:
 
 def _crc_status() -> str:
     try:
-        from tbdiag.summary import recordio
+        from tbdiag.contract import records
     except ImportError:
         return "tbdiag record writer: TensorBoard's"
-    return f"tbdiag record writer: {recordio.describe()}"
+    return f"tbdiag record writer: {records.describe()}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,10 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c a
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tbdiag import DiagnosticWriter
+from tbdiag.contract import records
 from tbdiag.summary import recordio
 
-needs_c_crc = pytest.mark.skipif(not recordio.available(), reason="no C CRC32C installed (pip install tbdiag[fast])")
+needs_c_crc = pytest.mark.skipif(not records.available(), reason="no C CRC32C installed (pip install tbdiag[fast])")
 
 
 def _payloads() -> list[bytes]:
@@ -25,7 +26,7 @@ def _payloads() -> list[bytes]:
 @needs_c_crc
 def test_masked_crc32c_matches_tensorboard():
     for data in _payloads():
-        assert recordio.masked_crc32c(data) == tb_masked_crc32c(data)
+        assert records.masked_crc32c(data) == tb_masked_crc32c(data)
 
 
 @needs_c_crc
@@ -55,12 +56,12 @@ def test_writer_uses_it_and_tensorboard_reads_the_file(tmp_path):
 
 
 def test_without_a_c_crc_nothing_changes(tmp_path, monkeypatch):
-    monkeypatch.setattr(recordio, "_crc32c", None)
-    assert not recordio.available()
-    assert recordio.describe() == "TensorBoard's pure-Python CRC32C"
+    monkeypatch.setattr(records, "crc32c", None)
+    assert not records.available()
+    assert records.describe() == "TensorBoard's pure-Python CRC32C"
     writer = DiagnosticWriter(str(tmp_path))
     writer.add_scalar("train/loss", 0.5, 0)
     assert type(writer._get_file_writer().event_writer._async_writer._writer) is RecordWriter
     writer.close()
     data = b"tbdiag"
-    assert recordio.masked_crc32c(data) == tb_masked_crc32c(data)
+    assert records.masked_crc32c(data) == tb_masked_crc32c(data)

@@ -1,11 +1,14 @@
-"""Reading tbdiag data from event files with TensorBoard's own loader.
+"""Reading tbdiag data from a logdir into `RunData`, for ``tbdiag report``.
 
-Used by `tbdiag report`; the TensorBoard plugin reads through TensorBoard's
-data provider instead and shares everything after the bytes (`RunData`).
+A local logdir goes through `tbdiag.read.events` (only tbdiag's values and the
+scalars are decoded); remote ones (s3://, gs://, ...) and unusual event files
+through TensorBoard's own loader.  The TensorBoard plugin reads through
+TensorBoard's data provider instead and shares everything after the bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import urllib.parse
@@ -20,6 +23,7 @@ from tensorboard.util import tensor_util
 from ..contract import evaluation, schema
 from ..contract.rundata import RunData, is_loss_tag
 from ..rules.throughput import is_perf_tag
+from . import events
 
 
 class NoDataError(Exception):
@@ -99,26 +103,51 @@ def _checked_logdir(logdir: str) -> str:
 def load_logdir(logdir: str, loss_tags: Sequence[str] | None = None) -> list[RunData]:
     """Every run under ``logdir`` with tbdiag data (or loss scalars), decoded.
 
+    A local logdir is read by `tbdiag.read.events` (only what the rules need); a URL, or a logdir using an
+    event-file feature that reader does not reproduce, by TensorBoard's own loader.  Both give the same runs.
     Raises `NoDataError` when ``logdir`` does not exist or holds no tbdiag data.
     """
     logdir = _checked_logdir(logdir)
+    if "://" not in logdir:
+        try:
+            return _load_local(logdir, loss_tags)
+        except events.Unsupported:
+            pass
+    return _load_with_tensorboard(logdir, loss_tags)
+
+
+def _load_local(logdir: str, loss_tags: Sequence[str] | None) -> list[RunData]:
+    found = [events.read_run(name, files, schema.PLUGIN_NAME) for name, files in events.run_files(logdir).items()]
+    by_name = {run.name: run for run in found}
+    diag = {run.name: run.content[schema.PLUGIN_NAME] for run in found if run.content[schema.PLUGIN_NAME]}
+    scalars = {run.name: run.content[events.SCALARS] for run in found if run.content[events.SCALARS]}
+    return _assemble(logdir, diag, scalars, loss_tags, lambda run, tag: by_name[run].tensors(tag))
+
+
+def _load_with_tensorboard(logdir: str, loss_tags: Sequence[str] | None) -> list[RunData]:
     mux = _multiplexer(logdir)
-    diag = mux.PluginRunToTagToContent(schema.PLUGIN_NAME)
+    return _assemble(logdir, mux.PluginRunToTagToContent(schema.PLUGIN_NAME), mux.PluginRunToTagToContent("scalars"),
+                     loss_tags, lambda run, tag: _tensors(mux, run, tag))
+
+
+def _assemble(logdir: str, diag: dict, scalars: dict, loss_tags: Sequence[str] | None, tensors) -> list[RunData]:
+    """Runs from either source: ``diag``/``scalars`` map run -> tag -> plugin content, ``tensors(run, tag)``
+    yields ``(step, value)``."""
     if not diag:
         raise NoDataError(f"{logdir}: no tbdiag data found (did the training script call DiagnosticWriter.watch?)")
-    scalars = mux.PluginRunToTagToContent("scalars")
     versions = schema.VersionCheck()  # data from a newer tbdiag: one warning per run and version
     runs = []
     for run in sorted(set(diag) | {r for r, tags in scalars.items() if any(is_loss_tag(t, loss_tags) for t in tags)}):
-        runs.append(_run_data(mux, run, diag.get(run, {}), scalars.get(run, {}), loss_tags, versions))
+        runs.append(_run_data(functools.partial(tensors, run), run, diag.get(run, {}), scalars.get(run, {}),
+                              loss_tags, versions))
     return runs
 
 
-def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequence[str] | None,
+def _run_data(tensors, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequence[str] | None,
               versions: schema.VersionCheck) -> RunData:
     table = None
     if schema.LAYERS_TAG in diag_tags:
-        values = list(_tensors(mux, run, schema.LAYERS_TAG))
+        values = list(tensors(schema.LAYERS_TAG))
         if values:
             try:
                 table = schema.decode_layers(values[-1][1])
@@ -133,31 +162,30 @@ def _run_data(mux, run: str, diag_tags: dict, scalar_tags: dict, loss_tags: Sequ
         if schema.is_health_tag(tag):
             columns = schema.columns_from_metadata(content)
             versions.check(run, schema.version_from_metadata(content))
-            samples.extend((step, arr, columns) for step, arr in _tensors(mux, run, tag))
+            samples.extend((step, arr, columns) for step, arr in tensors(tag))
         elif schema.is_model_tag(tag):
             columns = schema.columns_from_metadata(content, schema.MODEL_COLUMNS)
-            model_samples.extend((step, schema.decode_model(arr, columns)) for step, arr in _tensors(mux, run, tag))
+            model_samples.extend((step, schema.decode_model(arr, columns)) for step, arr in tensors(tag))
     losses, perf = {}, {}
     for tag in scalar_tags:
         into = perf if is_perf_tag(tag) else losses if is_loss_tag(tag, loss_tags) else None
         if into is not None:
-            pairs = [(step, float(np.asarray(v).reshape(-1)[0])) for step, v in _tensors(mux, run, tag)]
+            pairs = [(step, float(np.asarray(v).reshape(-1)[0])) for step, v in tensors(tag)]
             into[tag] = ([s for s, _ in pairs], [v for _, v in pairs])
     data = RunData.from_samples(run, table, samples, losses, model_samples, perf=perf)
-    data.evaluations = _evaluations(mux, run, diag_tags)
+    data.evaluations = _evaluations(tensors, run, diag_tags)
     return data
 
 
-def _evaluations(mux, run: str, diag_tags: dict) -> dict[str, list[evaluation.Evaluation]]:
+def _evaluations(tensors, run: str, diag_tags: dict) -> dict[str, list[evaluation.Evaluation]]:
     """The run's `add_evaluation` calls by tag (an unreadable one is skipped with a warning)."""
     found = []
     for tag, content in diag_tags.items():
         if not evaluation.is_eval_tag(tag):
             continue
-        for step, arr in _tensors(mux, run, tag):
+        for step, arr in tensors(tag):
             try:
                 found.append(evaluation.decode(tag, content, step, arr))
             except ValueError as e:
                 warnings.warn(f"tbdiag: skipped an evaluation of {run}: {e}", RuntimeWarning, stacklevel=2)
     return evaluation.group(found)
-
