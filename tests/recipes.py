@@ -2,18 +2,19 @@
 
 Every function trains a randomly initialised model family the way it is
 trained today (AdamW without decay on norms and biases, linear warm-up then
-cosine decay to ~0, gradient clipping at 1.0; SGD with momentum and StepLR
-for a BatchNorm ResNet; the Hugging Face `Trainer`), on a learnable
-synthetic task, watched by `tbdiag.DiagnosticWriter`, logging its loss as
-``train/loss``.  Each returns ``(first_loss, last_loss)``: the loss of the
-first step and the mean loss of the last ``LAST_WINDOW`` steps (a single
-batch's loss is noisy).
+cosine or linear decay to ~0, gradient clipping at 1.0; SGD with momentum and
+StepLR or cosine for BatchNorm CNNs and a plain MLP; Adafactor for T5, in its
+fine-tuning form and in its own relative-step mode; bf16 autocast on the CPU;
+the Hugging Face `Trainer`), on a learnable synthetic task, watched by
+`tbdiag.DiagnosticWriter`, logging its loss as ``train/loss``.  Each returns
+``(first_loss, last_loss)``: the loss of the first step and the mean loss of
+the last ``LAST_WINDOW`` steps (a single batch's loss is noisy).
 
 The sick twins are the same recipes with one mistake each (keyword
 arguments of the healthy function, or a thin wrapper): a learning rate far
-too large or too small, a missing ``optimizer.zero_grad()``, a forgotten
-``model.train()``, a backbone cut off the graph, a softmax before
-``cross_entropy``, a dead MLP block.
+too large (GPT-2 at 0.1 without warm-up, MobileNetV2 at 8x) or too small, a
+missing ``optimizer.zero_grad()``, a forgotten ``model.train()``, a backbone
+cut off the graph, a softmax before ``cross_entropy``, a dead MLP block.
 
 Nothing here imports pytest: a benchmark or a script can call the functions
 (``python tests/recipes.py DIR`` writes every run under DIR).  Nothing is
@@ -83,6 +84,13 @@ def bright_patch_images(n: int, seed: int = 0, size: int = 32, channels: int = 3
         c = (y[i] % 2) * half + off[i, 1]
         x[i, :, r:r + patch, c:c + patch] += 1.0
     return x, noisy_labels(y, 4, seed=seed)
+
+
+def repeated_motifs(n: int, seed: int = 0, vocab: int = VOCAB, length: int = SEQ, period: int = 4) -> torch.Tensor:
+    """A random motif of ``period`` tokens repeated to ``length``: a masked token is any of its other copies."""
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, vocab, (n, period), generator=g)
+    return motif.repeat(1, length // period)
 
 
 def noisy_labels(y: torch.Tensor, classes: int, frac: float = 0.1, seed: int = 0) -> torch.Tensor:
@@ -189,17 +197,118 @@ def gpt2(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 
                       zero_grad=zero_grad, train_mode=train_mode)
 
 
+def llama_config() -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=None)
+
+
 def llama(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 3e-3,
           batch: int = 16) -> tuple[float, float]:
     """LlamaForCausalLM (RMSNorm, SwiGLU, rotary positions) on stride sequences: AdamW, warm-up + cosine, clip 1."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=None)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = transformers.LlamaForCausalLM(llama_config())
     opt = adamw(model, lr, weight_decay=0.1)
     sched = warmup_cosine(opt, steps, steps // 10)
     return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch), steps, log_every)
+
+
+def llama_bf16(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 3e-3,
+               batch: int = 16) -> tuple[float, float]:
+    """`llama` under bf16 autocast on the CPU: ``torch.autocast("cpu", dtype=torch.bfloat16)`` around the forward
+    and the loss (fp32 master weights, AdamW, warm-up + cosine, clipping 1.0)."""
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(llama_config())
+    opt = adamw(model, lr, weight_decay=0.1)
+    sched = warmup_cosine(opt, steps, steps // 10)
+    lm_loss = _lm_loss(stride_sequences(4096, seed), batch)
+
+    def loss_of(m, step):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lm_loss(m, step)
+
+    return train_loop(logdir, model, opt, sched, loss_of, steps, log_every)
+
+
+def gpt2_long(logdir: str, steps: int = 720, log_every: int = LOG_EVERY, seed: int = 0) -> tuple[float, float]:
+    """`gpt2` run three times as long (720 steps, same recipe): a long cosine tail, where the updates shrink by
+    design."""
+    return gpt2(logdir, steps, log_every, seed)
+
+
+def mixtral(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 3e-3,
+            batch: int = 16) -> tuple[float, float]:
+    """MixtralForCausalLM (2 layers, 4 experts, top-2 routing, the router's load-balancing loss at Mixtral's 0.02)
+    on stride sequences: AdamW, warm-up + cosine, clipping 1.0."""
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=SEQ, output_router_logits=True,
+                                     router_aux_loss_coef=0.02, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    model = transformers.MixtralForCausalLM(cfg)
+    opt = adamw(model, lr, weight_decay=0.1)
+    sched = warmup_cosine(opt, steps, steps // 10)
+    return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch), steps, log_every)
+
+
+# ----------------------------------------------------------------- T5 with Adafactor
+
+
+def t5_config() -> transformers.T5Config:
+    return transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                 dropout_rate=0.1, feed_forward_proj="relu", pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0)
+
+
+def _continuation_loss(data: torch.Tensor, batch: int):
+    """Seq2seq on stride sequences: the encoder reads the first half, the decoder writes the second half."""
+    half = data.shape[1] // 2
+
+    def loss_of(model, step):
+        x = data[_cycle(len(data), batch, step)]
+        return model(input_ids=x[:, :half].contiguous(), labels=x[:, half:].contiguous()).loss
+    return loss_of
+
+
+def t5_adafactor(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 1e-3,
+                 batch: int = 16, relative_step: bool = False, adafactor_schedule: bool = False) -> tuple[float, float]:
+    """T5ForConditionalGeneration on stride-sequence continuation with transformers' `Adafactor`, clipping 1.0.
+
+    Default: Adafactor's common fine-tuning form, ``Adafactor(lr=1e-3, scale_parameter=False,
+    relative_step=False, warmup_init=False)``, warm-up then linear decay to 0.
+    ``relative_step=True``: Adafactor's own default mode, ``lr=None, relative_step=True, scale_parameter=True,
+    warmup_init=True``: the step size is computed inside ``step`` (1e-6 x step x the parameter's RMS, still
+    rising at the end of a short run) and the param groups carry ``lr=None``.
+    ``adafactor_schedule=True`` (with ``relative_step``): `AdafactorSchedule` as the scheduler, as the
+    transformers docs pair them; it writes the step size into the groups' ``lr`` (0.0, then a 0-d tensor).
+    """
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(t5_config())
+    if relative_step:
+        opt = Adafactor(model.parameters(), lr=None, relative_step=True, scale_parameter=True, warmup_init=True)
+        sched = AdafactorSchedule(opt) if adafactor_schedule else None
+    else:
+        opt = Adafactor(model.parameters(), lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+        sched = transformers.get_linear_schedule_with_warmup(opt, steps // 10, steps)
+    return train_loop(logdir, model, opt, sched, _continuation_loss(stride_sequences(4096, seed), batch), steps,
+                      log_every)
+
+
+def t5_adafactor_relative_step(logdir: str, steps: int = 600, log_every: int = LOG_EVERY,
+                               seed: int = 0) -> tuple[float, float]:
+    """`t5_adafactor` in Adafactor's default relative-step mode, no scheduler: ``lr=None`` in every param group.
+
+    600 steps: the warm-up-init step size is tiny (6e-4 x RMS at step 600); 240 steps reach only 0.82x."""
+    return t5_adafactor(logdir, steps, log_every, seed, relative_step=True)
+
+
+def t5_adafactor_schedule(logdir: str, steps: int = 600, log_every: int = LOG_EVERY,
+                          seed: int = 0) -> tuple[float, float]:
+    """`t5_adafactor_relative_step` with `AdafactorSchedule`: the same training; the groups' ``lr`` is a tensor."""
+    return t5_adafactor(logdir, steps, log_every, seed, relative_step=True, adafactor_schedule=True)
 
 
 # ----------------------------------------------------------------- BERT
@@ -235,6 +344,42 @@ def bert(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 
     def loss_of(m, step):
         idx = _cycle(len(x), batch, step)
         return m(input_ids=x[idx], labels=y[idx]).loss
+
+    return train_loop(logdir, model, opt, sched, loss_of, steps, log_every)
+
+
+def masked_tokens(x: torch.Tensor, step: int, seed: int = 0, p: float = 0.15, mask_id: int = VOCAB - 1):
+    """BERT's masking: a fraction ``p`` of the tokens is chosen (the only ones in the loss); of those, 80% become
+    ``mask_id``, 10% a random token and 10% stay.  Fresh masks every step."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    chosen = torch.rand(x.shape, generator=g) < p
+    labels = torch.where(chosen, x, torch.full_like(x, -100))
+    roll = torch.rand(x.shape, generator=g)
+    inputs = torch.where(chosen & (roll < 0.8), torch.full_like(x, mask_id), x)
+    random_tokens = torch.randint(0, mask_id, x.shape, generator=g)
+    inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_tokens, inputs)
+    return inputs, labels
+
+
+def bert_mlm(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 3e-3,
+             batch: int = 32) -> tuple[float, float]:
+    """BertForMaskedLM on repeated motifs (token id VOCAB is [MASK]; BERT's 15% with 80/10/10 masking): AdamW,
+    warm-up then linear decay to 0, clipping 1.0.
+
+    Repeated motifs, not stride sequences: with 15% of the tokens in the loss, the modular arithmetic of the
+    stride task took BERT 400 steps to reach 0.57x; lr 1e-3 reached only 0.65-0.72x in 240 steps.
+    """
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=VOCAB + 1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=256, max_position_embeddings=SEQ, pad_token_id=0)
+    model = transformers.BertForMaskedLM(cfg)
+    data = repeated_motifs(4096, seed)
+    opt = adamw(model, lr, weight_decay=0.01)
+    sched = transformers.get_linear_schedule_with_warmup(opt, steps // 10, steps)
+
+    def loss_of(m, step):
+        inputs, labels = masked_tokens(data[_cycle(len(data), batch, step)], step, seed, mask_id=VOCAB)
+        return m(input_ids=inputs, labels=labels).loss
 
     return train_loop(logdir, model, opt, sched, loss_of, steps, log_every)
 
@@ -299,6 +444,75 @@ def resnet(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=math.ceil(steps / 3), gamma=0.1)
     return train_loop(logdir, model, opt, sched, _image_loss(x, y, batch), steps, log_every, clip=None)
+
+
+def swin(logdir: str, steps: int = 300, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 2e-3,
+         batch: int = 32) -> tuple[float, float]:
+    """SwinForImageClassification (shifted windows, relative position bias tables, patch merging, stochastic
+    depth 0.1) on bright-patch images: AdamW, warm-up + cosine, clipping 1.0.
+
+    A 4x4 grid of 8-pixel patches in 2x2 windows (shifted in stage 1; stage 2's 2x2 grid is one window): Swin
+    has no absolute positions, and with 4-pixel patches in 4x4 windows it sat at ln 4 for 360 steps at lr 2e-3
+    (with absolute position embeddings too)."""
+    torch.manual_seed(seed)
+    cfg = transformers.SwinConfig(image_size=32, patch_size=8, num_channels=3, embed_dim=32, depths=[2, 2],
+                                  num_heads=[2, 4], window_size=2, num_labels=4)
+    model = transformers.SwinForImageClassification(cfg)
+    x, y = bright_patch_images(4096, seed)
+    opt = adamw(model, lr, weight_decay=0.05)
+    sched = warmup_cosine(opt, steps, steps // 10)
+    return train_loop(logdir, model, opt, sched, _image_loss(x, y, batch), steps, log_every)
+
+
+def mobilenet_v2(logdir: str, steps: int = 160, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 0.02,
+                 batch: int = 32) -> tuple[float, float]:
+    """MobileNetV2ForImageClassification (width 0.35, inverted residuals, BatchNorm, ReLU6, stock HF init) on
+    bright-patch images: SGD momentum 0.9, weight decay 4e-5, cosine decay to 0; no clipping (the classic
+    recipe).
+
+    lr 0.02 at batch 32: torchvision's reference (0.036 at batch 256) scaled up.  At 16x16 images (half the time)
+    some seeds sit at ln 4 for the whole run; at lr 0.01 one seed's loss really jumps (0.4 -> 2.3) for a few
+    batches; lr 0.05 oscillates.
+    """
+    torch.manual_seed(seed)
+    cfg = transformers.MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.35, num_labels=4,
+                                         classifier_dropout_prob=0.2)
+    model = transformers.MobileNetV2ForImageClassification(cfg)
+    x, y = bright_patch_images(4096, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=4e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    return train_loop(logdir, model, opt, sched, _image_loss(x, y, batch), steps, log_every, clip=None)
+
+
+# ----------------------------------------------------------------- a plain MLP whose loss bounces
+
+
+def noisy_teacher_task(n: int, seed: int = 0, dim: int = 16, classes: int = 8, noise: float = 0.2):
+    """Gaussian inputs labelled by a random two-layer teacher network, a fraction ``noise`` of the labels replaced:
+    learnable, but hard, and the loss of small batches bounces."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w1, w2 = torch.randn(dim, 32, generator=g), torch.randn(32, classes, generator=g)
+    y = (torch.relu(x @ w1) @ w2).argmax(1)
+    return x, noisy_labels(y, classes, frac=noise, seed=seed)
+
+
+def mlp_sgd(logdir: str, steps: int = 600, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 0.05,
+            batch: int = 16) -> tuple[float, float]:
+    """A plain ReLU MLP classifier: SGD lr 0.05, momentum 0.9, cosine decay to 0, no clipping, small batches of a
+    hard task with noisy labels; the loss bounces from batch to batch, as it should."""
+    torch.manual_seed(seed)
+    x, y = noisy_teacher_task(8192, seed)
+    model = nn.Sequential(nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, int(y.max()) + 1))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+    def loss_of(m, step):
+        idx = _cycle(len(x), batch, step)
+        return F.cross_entropy(m(x[idx]), y[idx])
+
+    return train_loop(logdir, model, opt, sched, loss_of, steps, log_every, clip=None)
 
 
 # ----------------------------------------------------------------- the Hugging Face Trainer
@@ -384,15 +598,24 @@ def vit_softmax_in_loss(logdir: str, steps: int = 300, log_every: int = LOG_EVER
     return vit(logdir, steps, log_every, seed, softmax_in_loss=True)
 
 
+def mobilenet_v2_lr_too_high(logdir: str, steps: int = 160, log_every: int = LOG_EVERY, seed: int = 0):
+    """`mobilenet_v2` at 8x its learning rate (SGD lr 0.16)."""
+    return mobilenet_v2(logdir, steps, log_every, seed, lr=8 * 0.02)
+
+
 HEALTHY: dict[str, Callable[..., tuple[float, float]]] = {
     "gpt2": gpt2, "llama": llama, "bert": bert, "vit": vit, "convnext": convnext,
     "resnet": resnet, "hf_trainer": hf_trainer,
+    "t5_adafactor": t5_adafactor, "t5_adafactor_relative_step": t5_adafactor_relative_step,
+    "t5_adafactor_schedule": t5_adafactor_schedule, "mixtral": mixtral,
+    "swin": swin, "mobilenet_v2": mobilenet_v2, "llama_bf16": llama_bf16, "gpt2_long": gpt2_long,
+    "bert_mlm": bert_mlm, "mlp_sgd": mlp_sgd,
 }
 SICK: dict[str, Callable[..., tuple[float, float]]] = {
     "gpt2_lr_too_high": gpt2_lr_too_high, "gpt2_lr_too_low": gpt2_lr_too_low,
     "gpt2_no_zero_grad": gpt2_no_zero_grad, "gpt2_eval_mode": gpt2_eval_mode, "gpt2_dead_mlp": gpt2_dead_mlp,
     "bert_detached_backbone": bert_detached_backbone, "vit_softmax_head": vit_softmax_head,
-    "vit_softmax_in_loss": vit_softmax_in_loss,
+    "vit_softmax_in_loss": vit_softmax_in_loss, "mobilenet_v2_lr_too_high": mobilenet_v2_lr_too_high,
 }
 ALL = {**HEALTHY, **SICK}
 

@@ -2,7 +2,8 @@
 
 Each healthy recipe trains a small randomly initialised model of one family the
 way that family is trained today (AdamW + warm-up + cosine + clipping, SGD +
-StepLR for a BatchNorm ResNet, the Hugging Face Trainer) and must learn while
+StepLR or cosine for BatchNorm CNNs and a bouncing MLP, Adafactor for T5 with
+and without a learning rate, bf16 autocast, the Hugging Face Trainer) and must learn while
 `tbdiag.report` finds nothing at warning or error.  Each sick twin repeats a
 healthy recipe with one mistake, and the report must name that mistake (on the
 layer where it lives, for layer-level mistakes).
@@ -133,3 +134,14 @@ def test_vit_softmax_head_is_softmax_output(tmp_path):
 def test_vit_softmax_in_the_loss_line_is_softmax_output(tmp_path):
     """``cross_entropy(logits.softmax(-1), y)``: the same mistake as a softmax head, written in the loss line."""
     _check_sick("vit_softmax_in_loss", tmp_path, ("softmax_output",))
+
+
+def test_mobilenet_v2_lr_too_high_is_loss_oscillation_and_activation_growth(tmp_path):
+    """SGD at 8x the healthy rate (0.16): the loss swings between ~3 and ~10, and with BatchNorm after every
+    convolution the stem's convolutions grow their outputs by 100-10,000x (their weights blow up; BN hides it
+    from the loss)."""
+    findings = _check_sick("mobilenet_v2_lr_too_high", tmp_path, ("loss_oscillation",))
+    stem = _named(findings, ("activation_growth",),
+                  lambda layer: layer is not None and layer.startswith("mobilenet_v2.conv_stem."))
+    assert stem, f"expected activation_growth on the stem (mobilenet_v2.conv_stem.*); the report said:\n" \
+                 f"{_describe(findings)}"

@@ -114,3 +114,22 @@ def test_rules_command_prints_the_table():
 def test_report_rejects_a_bad_threshold_from_python(scenario_logdir):
     with pytest.raises(ValueError, match="unknown rule"):
         tbdiag.report(scenario_logdir, thresholds={"nope": 1})
+
+
+def test_one_text_line_per_episode_across_layers():
+    """A blow-up on every layer at once reads as one line naming the first layers, not one line per layer."""
+    from tbdiag.read.report import render_json, render_text
+    from tbdiag.rules.table import Finding
+
+    def finding(layer, first=10, issue="exploding_gradient"):
+        return Finding(run="r", layer=layer, issue=issue, severity="error", first_step=first, last_step=40,
+                       value=50.0, message=f"{layer}: gradient RMS 50 exceeds 10 from step {first}")
+
+    many = [finding(f"h.{i}.mlp") for i in range(51)] + [finding("lm_head", first=20)]
+    text = render_text(many)
+    rows = [line for line in text.splitlines() if line.startswith("ERROR")]
+    assert len(rows) == 2, text
+    assert "h.0.mlp +50" in rows[0] and "and 50 more layers from the same step: h.1.mlp, h.2.mlp" in rows[0]
+    assert "lm_head" in rows[1] and "more layer" not in rows[1]
+    assert "52 errors" in text
+    assert len(json.loads(render_json(many))["findings"]) == 52, "the JSON keeps every finding"

@@ -155,3 +155,9 @@ def test_learning_rates_that_are_not_numbers_are_recorded_as_unknown(tmp_path, l
     assert np.isfinite(run.column("update_ratio")[:, [0, 2]]).all(), "every step of both linears measured"
     steps, values = run.model_series("lr_max")
     assert (len(values) == 3 and np.allclose(values, 0.05)) if lr == "tensor" else len(values) == 0
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    lr_tags = [t for t in acc.Tags()["scalars"] if t.startswith("train/lr/")]
+    assert lr_tags == (["train/lr/group0"] if lr == "tensor" else []), "no chart of NaN learning rates"

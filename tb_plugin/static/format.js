@@ -26,6 +26,9 @@ export function fmt(v, scale) {
 
 export function fmtInt(n) { return Number(n).toLocaleString('en-US'); }
 
+/** "1 layer", "88 layers": a count with its noun, plural unless it is exactly one. */
+export function count(n, noun) { return `${fmtInt(n)} ${noun}${Number(n) === 1 ? '' : 's'}`; }
+
 /** Everything a flag's tooltip says: the rule's message, what it measured, the threshold, since when, what to try. */
 export function flagTooltip(f) {
   return [

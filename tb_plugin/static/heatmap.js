@@ -7,7 +7,7 @@
 
 import {colourScale, ramp, severityColour} from './colour.js';
 import {el} from './dom.js';
-import {fmt, fmtInt} from './format.js';
+import {count, fmt, fmtInt} from './format.js';
 import {severityRank, state} from './state.js';
 
 function decodeMatrix(heat) {
@@ -57,7 +57,7 @@ export class Heatmap {
     const rows = this.rows();
     const nSteps = heat.shape[1];
     this.title.textContent =
-        `${heat.label} — ${fmtInt(rows.length)} layers × ${fmtInt(nSteps)} logged steps` +
+        `${heat.label} — ${count(rows.length, 'layer')} × ${count(nSteps, 'logged step')}` +
         (heat.scale === 'log' ? ' (log scale)' : '');
     const width = Math.floor(this.wrap.clientWidth);
     if (width <= 0) return;  // not laid out yet: the panel draws again once it has a width

@@ -30,7 +30,8 @@ async function loadRuns() {
       run.findings = null;
     }
   }));
-  state.runs = runs;
+  // numbers in names in numeric order, as a person reads them: run2 before run10, seed9 before seed10
+  state.runs = runs.sort((a, b) => a.run.localeCompare(b.run, 'en', {numeric: true}));
   return true;
 }
 
@@ -147,7 +148,7 @@ export async function render() {
   }
   // Open on what is wrong: the worst run first.
   const rank = (run) => severityRank(run.findings ? run.findings.worst : null);
-  const ranked = [...state.runs].sort((a, b) => rank(b) - rank(a) || a.run.localeCompare(b.run));
+  const ranked = [...state.runs].sort((a, b) => rank(b) - rank(a)); // stable: name order among equals
   state.selected = [ranked[0].run];
   state.stat = defaultStat();
   for (const st of state.meta.statistics) {

@@ -7,7 +7,7 @@
 
 import {drawChart} from './chart.js';
 import {el} from './dom.js';
-import {flagTooltip, fmt, fmtInt, num} from './format.js';
+import {count, flagTooltip, fmt, fmtInt, num} from './format.js';
 import {Heatmap} from './heatmap.js';
 import {Requests} from './requests.js';
 import {primaryStat, readsOf, ruleOf, state, statisticOf, wordOf, worstOf} from './state.js';
@@ -121,7 +121,7 @@ export class RunPanel {
     banner.className = `banner ${f.worst ? `sev-${f.worst}` : 'ok'}`;
     if (!f.findings.length) {
       banner.append(el('div', {class: 'headline', text:
-        `Healthy: no rule fired across ${fmtInt(f.layer_count)} layers × ${fmtInt(f.steps.count)} logged steps ` +
+        `Healthy: no rule fired across ${count(f.layer_count, 'layer')} × ${count(f.steps.count, 'logged step')} ` +
         `(steps ${fmtInt(f.steps.first)}–${fmtInt(f.steps.last)}).`}));
       return;
     }
@@ -189,7 +189,7 @@ export class RunPanel {
     }
     const table = el('table', {class: 'layers'}, el('thead', {}, head), el('tbody', {}, ...rows));
     const note = el('div', {class: 'muted', text:
-      `${fmtInt(rows.length)} of ${fmtInt(t.layers.length)} layers, model order · statistics at step ${fmtInt(t.step)}` +
+      `${fmtInt(rows.length)} of ${count(t.layers.length, 'layer')}, model order · statistics at step ${fmtInt(t.step)}` +
       ' · hover a flag for what was measured, the threshold, since when and what to try'});
     this.tableHost.replaceChildren(table, note);
   }

@@ -43,16 +43,42 @@ def render_json(findings: Sequence[Finding]) -> str:
     return json.dumps({"findings": [f.to_json() for f in findings]}, indent=2, allow_nan=False)
 
 
+#: Layers named in one line of the text report before "...".
+_NAMED = 5
+
+
+def _episodes(findings: Sequence[Finding]) -> list[list[Finding]]:
+    """Findings grouped into one episode when one run's layers show the same issue over the same steps.
+
+    A blow-up shows on every layer at once: one line says so, not fifty identical ones (the JSON keeps
+    every finding).  Order is kept: a group stands where its first finding stood.
+    """
+    groups: dict[tuple, list[Finding]] = {}
+    for f in findings:
+        key = (f.severity, f.run, f.issue, f.first_step, f.last_step, f.explained_by) if f.layer else (id(f),)
+        groups.setdefault(key, []).append(f)
+    return list(groups.values())
+
+
 def render_text(findings: Sequence[Finding], runs_checked: int | None = None) -> str:
     if not findings:
         return "No findings: every watched layer looks healthy." + (
             f" ({runs_checked} run(s) checked)" if runs_checked else ""
         )
     rows = [("SEVERITY", "RUN", "LAYER", "ISSUE", "STEPS", "FINDING")]
-    for f in findings:
+    for group in _episodes(findings):
+        f = group[0]
         steps = str(f.first_step) if f.first_step == f.last_step else f"{f.first_step}-{f.last_step}"
-        rows.append((f.severity.upper(), f.run, f.layer if f.layer is not None else "-", f.issue, steps,
-                     f.message))
+        layer = f.layer if f.layer is not None else "-"
+        message = f.message
+        if len(group) > 1:
+            others = [g.layer for g in group[1:]]
+            layer = f"{layer} +{len(others)}"
+            shown = ", ".join(others[:_NAMED])
+            plural = "s" if len(others) > 1 else ""
+            more = ", ...)" if len(others) > _NAMED else ")"
+            message += f" (and {len(others)} more layer{plural} from the same step: {shown}{more}"
+        rows.append((f.severity.upper(), f.run, layer, f.issue, steps, message))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
     counts = {s: sum(1 for f in findings if f.severity == s) for s in reversed(rules.SEVERITIES)}

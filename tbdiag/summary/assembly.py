@@ -130,7 +130,8 @@ class Assembler:
         if scalars:
             if has_g.any():  # NaN/Inf in any gradient makes the global norm NaN/Inf, as clip_grad_norm_ reports
                 record.scalars.append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[has_g] ** 2)))))
-            record.scalars.extend((f"train/lr/group{gi}", lr) for gi, lr in enumerate(lrs))
+            # a group without a readable rate (relative-step Adafactor) gets no chart of NaNs
+            record.scalars.extend((f"train/lr/group{gi}", lr) for gi, lr in enumerate(lrs) if math.isfinite(lr))
         return record
 
     def _layer_item(self, health: np.ndarray, kind: str, row: int, value: np.ndarray) -> None:
