@@ -331,7 +331,7 @@ class DetachedBackboneBert(transformers.BertForSequenceClassification):
 
 
 def bert(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 1e-3,
-         batch: int = 32, detach_backbone: bool = False) -> tuple[float, float]:
+         batch: int = 32, detach_backbone: bool = False, zero_mask: bool = False) -> tuple[float, float]:
     """BertForSequenceClassification on the majority-marker task: AdamW, warm-up + cosine, clipping 1.0."""
     torch.manual_seed(seed)
     cls = DetachedBackboneBert if detach_backbone else transformers.BertForSequenceClassification
@@ -343,6 +343,8 @@ def bert(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 
 
     def loss_of(m, step):
         idx = _cycle(len(x), batch, step)
+        if zero_mask:  # every position masked out: attention passes back exactly zero to queries and keys
+            return m(input_ids=x[idx], attention_mask=torch.zeros_like(x[idx]), labels=y[idx]).loss
         return m(input_ids=x[idx], labels=y[idx]).loss
 
     return train_loop(logdir, model, opt, sched, loss_of, steps, log_every)
@@ -588,6 +590,11 @@ def bert_detached_backbone(logdir: str, steps: int = 240, log_every: int = LOG_E
     return bert(logdir, steps, log_every, seed, detach_backbone=True)
 
 
+def bert_zero_attention_mask(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0):
+    """`bert` called with an all-zero ``attention_mask`` (a padding mask built the wrong way round)."""
+    return bert(logdir, steps, log_every, seed, zero_mask=True)
+
+
 def vit_softmax_head(logdir: str, steps: int = 300, log_every: int = LOG_EVERY, seed: int = 0):
     """`vit` with an ``nn.Softmax`` at the end of its classifier, feeding cross-entropy."""
     return vit(logdir, steps, log_every, seed, softmax_head=True)
@@ -614,8 +621,8 @@ HEALTHY: dict[str, Callable[..., tuple[float, float]]] = {
 SICK: dict[str, Callable[..., tuple[float, float]]] = {
     "gpt2_lr_too_high": gpt2_lr_too_high, "gpt2_lr_too_low": gpt2_lr_too_low,
     "gpt2_no_zero_grad": gpt2_no_zero_grad, "gpt2_eval_mode": gpt2_eval_mode, "gpt2_dead_mlp": gpt2_dead_mlp,
-    "bert_detached_backbone": bert_detached_backbone, "vit_softmax_head": vit_softmax_head,
-    "vit_softmax_in_loss": vit_softmax_in_loss, "mobilenet_v2_lr_too_high": mobilenet_v2_lr_too_high,
+    "bert_detached_backbone": bert_detached_backbone, "bert_zero_attention_mask": bert_zero_attention_mask,
+    "vit_softmax_head": vit_softmax_head, "vit_softmax_in_loss": vit_softmax_in_loss, "mobilenet_v2_lr_too_high": mobilenet_v2_lr_too_high,
 }
 ALL = {**HEALTHY, **SICK}
 

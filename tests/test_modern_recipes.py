@@ -125,6 +125,16 @@ def test_bert_detached_backbone_is_no_gradient(tmp_path):
     assert not head, f"the classifier, which does get gradients, was named:\n{_describe(head)}"
 
 
+def test_bert_all_zero_attention_mask_is_no_gradient_on_queries_and_keys(tmp_path):
+    """Every position masked: the attention is uniform, and queries and keys get exactly zero gradient."""
+    findings = _check_sick("bert_zero_attention_mask", tmp_path, ("no_gradient",),
+                           lambda layer: layer is not None and layer.endswith((".attention.self.query",
+                                                                               ".attention.self.key")),
+                           " on the attention's queries and keys")
+    repeated = _named(findings, ("vanishing_gradient",))
+    assert not repeated, f"exact zeros are no_gradient's to name, not also vanishing:\n{_describe(repeated)}"
+
+
 def test_vit_softmax_head_is_softmax_output(tmp_path):
     _check_sick("vit_softmax_head", tmp_path, ("softmax_output",))
 

@@ -222,6 +222,8 @@ def explain(findings: list[Finding], run: RunData) -> None:
       to the layers after it, so their ReLUs die with it.
     - A layer whose gradients vanish gets updates below float precision: its
       weights stop changing although it is in the optimizer.
+    - Gradients that are exactly zero (a fully masked attention) are ``no_gradient``'s
+      to name; the same layer's vanishing gradient follows from them.
     - A dead layer's gradients are exactly zero (its units pass none back), and
       so are those of the layers that feed only it: ``no_gradient`` findings of
       exactly-zero gradients on it and on the layers right before it (every
@@ -256,6 +258,10 @@ def explain(findings: list[Finding], run: RunData) -> None:
                 if (upstream or downstream) and f.first_step >= d.first_step and f is not d:
                     demote(f, d, f"explained by the dead layer {d.layer}")
                     break
+            else:
+                if f.issue == "vanishing_gradient" and f.layer in zero:  # nothing to vanish: no_gradient says it
+                    cause = next(z for z in findings if z.issue == "no_gradient" and z.layer == f.layer)
+                    demote(f, cause, "its gradients are exactly zero: see no_gradient")
         elif f.issue == "no_gradient" and f.layer in zero:
             for d in dead:
                 if feeds(pos, order.get(d.layer or "", -1)) and f.first_step >= d.first_step:
