@@ -8,8 +8,10 @@ autograd function returns a NaN gradient).
 
 from __future__ import annotations
 
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from torch import nn
 
 import tbdiag
 from tbdiag import DiagnosticWriter
+from tbdiag.watch import sentinel
 
 BAD_STEP = 23
 
@@ -261,3 +264,142 @@ def test_the_replay_draws_the_same_dropout_mask(tmp_path):
     assert torch.equal(again, mask)
     (f,) = nonfinite(tmp_path)
     assert (f.layer, f.first_step) == ("gate", BAD_STEP)
+
+
+# ------------------------------------------------------------------ the per-step check's cost and exactness
+
+
+@pytest.fixture
+def like_an_accelerator(monkeypatch):
+    """The sentinel as on an accelerator: its check stays on the device until the next logging step."""
+    monkeypatch.setattr(sentinel, "READ_FREE", frozenset())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "sum_first"])
+def test_the_check_is_exact(dtype, exact):
+    """NaN, +Inf or -Inf anywhere (first, middle, last, in a strided view) is seen; huge finite values are not
+    taken for Inf, even where every float32 sum of them overflows."""
+    big = torch.finfo(dtype).max
+    for n in (1, 7, 1000, 100_003):
+        healthy = torch.full((n,), big / 2, dtype=dtype)
+        healthy[::2] = -big
+        assert sentinel._all_finite([healthy, healthy[::3]])
+        for bad in (math.nan, math.inf, -math.inf):
+            for at in {0, n // 2, n - 1}:
+                x = torch.randn(n).to(dtype)
+                x[at] = bad
+                assert not sentinel._all_finite([healthy, x]), (n, bad, at)
+                # dense, overlapping (expanded), transposed and strided views, each holding x[at]
+                for view in (x, x.view(1, -1).expand(3, -1).t(), torch.stack([x, x], 1).t(), x[at % 2::2]):
+                    assert float(sentinel._flag([view], exact)) != 0.0, (n, bad, at, view.stride())
+                    assert not sentinel._all_finite([view])
+
+
+def test_outputs_it_cannot_reduce_are_left_out():
+    """float8 (no reductions in torch), empty and integer outputs: not checked, never a fault."""
+    out = (torch.zeros(3).to(torch.float8_e4m3fn), torch.empty(0), torch.ones(2, dtype=torch.int64), torch.ones(2))
+    assert [t.shape for t in sentinel._floats(out)] == [torch.Size([2])]
+
+
+def _big_outputs(dtype):
+    """Outputs of 2**20 elements (4 MiB in float32): contiguous, transposed (dense), a strided view (not dense);
+    and a small one."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1 << 20, generator=g).to(dtype), torch.randn(1024, 1024, generator=g).to(dtype).t(),
+            torch.randn(1024, 2048, generator=g).to(dtype)[:, ::2], torch.randn(10, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["read", "device"])
+def test_the_check_reads_each_output_once_and_allocates_no_full_size_temporary(monkeypatch, dtype, mode):
+    """One reduction per output tensor (two, amin and amax, for a strided view where the exact check runs), and
+    no allocation beyond a few scalars: the profiler sees every CPU allocation, those inside a kernel too (a
+    float32 copy for a float32 sum of a float16 tensor, or ``aminmax``'s contiguous copy, would show)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if mode == "device":
+        monkeypatch.setattr(sentinel, "READ_FREE", frozenset())
+    outputs = _big_outputs(dtype)
+    s = sentinel.Sentinel(list, None, read_always=False)
+    s.forward_ends(0, None, outputs)
+
+    class FullSizeReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and any(isinstance(a, torch.Tensor) and a.numel() >= 1 << 16 for a in args):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with FullSizeReads() as mode_ops:
+        s.forward_ends(1, None, outputs)
+    exact = mode == "device" or dtype == torch.float16
+    assert len(mode_ops.ops) == (4 if exact else 3), mode_ops.ops
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        s.forward_ends(2, None, outputs)
+    largest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+    assert largest <= 256, f"{largest} bytes allocated by one op"
+    assert s.found is None and (s._first is None or int(s._first) == sentinel._NO_STEP)
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 3e38), (torch.bfloat16, 3e38), (torch.float16, 6e4)],
+                         ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu_mode", "accelerator_mode"])
+def test_huge_but_finite_outputs_of_any_dtype_are_not_called_nan(tmp_path, monkeypatch, dtype, big, accelerator):
+    """Every element finite, every sum of them Inf (float16: already past 65,504): never reported as NaN/Inf."""
+    if accelerator:
+        monkeypatch.setattr(sentinel, "READ_FREE", frozenset())
+
+    class Huge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return (self.fc(x) * 0 + big).to(dtype)
+
+    torch.manual_seed(0)
+    model = Huge()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = DiagnosticWriter(str(tmp_path))
+    handle = writer.watch(model, opt, log_every=5, histograms=False, log_graph=False)
+    x = torch.randn(16, 4)
+    assert not torch.isfinite(model(x).sum()) and torch.isfinite(model(x)).all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            loss = (model(x).float() / big).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert handle.shield.fault is None
+        writer.close()
+    assert not [w for w in caught if "NaN/Inf" in str(w.message)]
+    assert [f for f in tbdiag.report(str(tmp_path)) if f.issue == "nonfinite"] == []
+
+
+def test_nonfinite_counts_are_exact_and_read_in_one_transfer():
+    """Weights and gradients whose norms are NaN/Inf: their exact NaN/Inf counts, both kinds in one read."""
+    from host_reads import HostReads
+
+    from tbdiag.measure.probe import count_nonfinite
+
+    params = [torch.ones(4, requires_grad=True), torch.ones(3, requires_grad=True), torch.ones(5, requires_grad=True)]
+    with torch.no_grad():
+        params[0][1:3] = math.nan
+        params[2][0] = -math.inf
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[1].grad[:] = math.inf
+    items = [(("w_norm", None), np.array([math.nan, 2.0, math.inf], dtype=np.float32)),
+             (("g_norm", [0, 1, 2]), np.array([0.0, math.inf, 0.0], dtype=np.float32))]
+    with HostReads(*params, *[p.grad for p in params]) as reads:
+        counts = count_nonfinite(items, params)
+    assert counts == {("w_norm", 0): 2.0, ("w_norm", 2): 1.0, ("g_norm", 1): 3.0}
+    assert [r.what for r in reads.reads] == ["Tensor.cpu"], reads.reads
+    assert count_nonfinite([(("w_norm", None), np.array([1.0, 2.0, 3.0], dtype=np.float32))], params) == {}

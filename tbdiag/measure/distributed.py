@@ -28,12 +28,15 @@ every watcher that will ever announce itself has.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .stats import gather
 
 _sequence = itertools.count()
 
@@ -90,7 +93,8 @@ class Announcement:
 
 
 def reduce_parts(
-    parts: Sequence[torch.Tensor], kinds: Sequence[str], weights: Sequence[float | Sequence[float]], world: int
+    parts: Sequence[torch.Tensor], kinds: Sequence[str], weights: Sequence[float | Sequence[float]], world: int,
+    device: torch.device | None = None,
 ) -> list[torch.Tensor]:
     """Pool per-rank statistics across ranks in one ``all_reduce``; returns them in their pooled form.
 
@@ -98,37 +102,73 @@ def reduce_parts(
     ``"act"`` (``[mean, std, nonfinite]``, weight: element count), ``"dead"``
     (a unit mask), ``"frac"`` (weight: element count), ``"norm"`` (a vector of
     norms; weights: per element 1 for a shard, ``1/world`` for a replica).
+
+    The parts are gathered on ``device`` (default: the first part's) and
+    pooled a kind at a time, a few batched ops for all layers.  The weights
+    reach the device as one tensor, made once for each set of weights and
+    kept (`_device_weights`; the same at every logging step): no per-layer
+    scalar is made from a Python number on the device, which would wait for
+    its copy.
     """
-    device = parts[0].device
-    packed = []
-    for part, kind, weight in zip(parts, kinds, weights):
-        x = part.detach().to(device=device, dtype=torch.float64).reshape(-1)
-        if kind == "act":
-            n = float(weight)
-            mean, std, bad = x[0], x[1], x[2]
-            packed.append(torch.stack([x.new_tensor(n), n * mean, n * (std * std + mean * mean), bad]))
-        elif kind == "dead":
-            packed.append(x)
-        elif kind == "frac":
-            packed.append(torch.stack([x.new_tensor(float(weight)), float(weight) * x[0]]))
-        elif kind == "norm":
-            packed.append(x * x * torch.as_tensor(weight, dtype=torch.float64, device=device))
-        else:
+    device = parts[0].device if device is None else device
+    at: dict[str, list[int]] = {"act": [], "frac": [], "dead": [], "norm": []}
+    for j, kind in enumerate(kinds):
+        if kind not in at:
             raise ValueError(f"unknown reduction kind {kind!r}")
+        at[kind].append(j)
+    flat_parts = gather([p.detach().reshape(-1) for p in parts], device)
+    act_w = tuple(float(weights[j]) for j in at["act"])
+    frac_w = tuple(float(weights[j]) for j in at["frac"])
+    norm_w = tuple(float(w) for j in at["norm"] for w in weights[j])
+    w = _device_weights(device, act_w, frac_w, norm_w)
+    w_act, w_frac, w_norm = w.split([len(act_w), len(frac_w), len(norm_w)])
+    packed = []
+    if at["act"]:  # [n, n mean, n (std^2 + mean^2), nonfinite] per layer: counts, sums, sums of squares add up
+        x = torch.stack([flat_parts[j] for j in at["act"]]).to(torch.float64)
+        mean, std = x[:, 0], x[:, 1]
+        packed.append(torch.stack([w_act, w_act * mean, w_act * (std * std + mean * mean), x[:, 2]], 1).reshape(-1))
+    if at["frac"]:  # [n, n fraction]
+        x = torch.cat([flat_parts[j] for j in at["frac"]]).to(torch.float64)
+        packed.append(torch.stack([w_frac, w_frac * x], 1).reshape(-1))
+    if at["dead"]:  # masks: a unit is dead where every rank says so
+        packed.append(torch.cat([flat_parts[j] for j in at["dead"]]).to(torch.float64))
+    if at["norm"]:  # squared norms, a replica's divided by the world size
+        x = torch.cat([flat_parts[j] for j in at["norm"]]).to(torch.float64)
+        packed.append(x * x * w_norm)
     flat = torch.cat(packed)
     torch.distributed.all_reduce(flat)
-    out, offset = [], 0
-    for part, kind, chunk in zip(parts, kinds, packed):
-        y = flat[offset: offset + chunk.numel()]
-        offset += chunk.numel()
-        if kind == "act":
-            n, s1, s2, bad = y[0], y[1], y[2], y[3]
-            mean = s1 / n
-            out.append(torch.stack([mean, (s2 / n - mean * mean).clamp_min(0).sqrt(), bad]).float())
-        elif kind == "dead":
-            out.append((y >= world).reshape(part.shape))
-        elif kind == "frac":
-            out.append((y[1] / y[0]).reshape(part.shape).float())
-        else:
-            out.append(y.sqrt().float().reshape(part.shape))
-    return out
+    out: list[torch.Tensor | None] = [None] * len(parts)
+    offset = 0
+    if at["act"]:
+        k = len(at["act"])
+        y = flat[offset: offset + 4 * k].view(k, 4)
+        offset += 4 * k
+        n = y[:, 0]
+        mean = y[:, 1] / n
+        pooled = torch.stack([mean, (y[:, 2] / n - mean * mean).clamp_min(0).sqrt(), y[:, 3]], 1).float()
+        for j, value in zip(at["act"], pooled.unbind(0)):
+            out[j] = value
+    if at["frac"]:
+        k = len(at["frac"])
+        y = flat[offset: offset + 2 * k].view(k, 2)
+        offset += 2 * k
+        for j, value in zip(at["frac"], (y[:, 1] / y[:, 0]).float().unbind(0)):
+            out[j] = value.reshape(parts[j].shape)
+    for kind in ("dead", "norm"):
+        if not at[kind]:
+            continue
+        sizes = [flat_parts[j].numel() for j in at[kind]]
+        y = flat[offset: offset + sum(sizes)]
+        offset += sum(sizes)
+        y = y >= world if kind == "dead" else y.sqrt().float()
+        for j, value in zip(at[kind], y.split(sizes)):
+            out[j] = value.reshape(parts[j].shape)
+    return out  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=8)
+def _device_weights(device: torch.device, *groups: tuple[float, ...]) -> torch.Tensor:
+    """The weights of `reduce_parts`, concatenated, as one float64 tensor on ``device``: made once for each
+    set of weights (element counts and replica weights depend on shapes only), copied without blocking."""
+    host = torch.tensor([w for group in groups for w in group], dtype=torch.float64)
+    return host.to(device, non_blocking=True)

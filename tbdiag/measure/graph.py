@@ -77,10 +77,50 @@ def _untouched(model: nn.Module):
         yield
 
 
+def _describe_tensors(value: Any) -> Any:
+    """A node attribute with its tensors as their dtype and shape: printing a tensor reads its values."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: f"Tensor({str(t.dtype)[6:]}, {list(t.shape)})", value)
+
+
+@contextlib.contextmanager
+def _constants_unread(tb_graph: Any):
+    """TensorBoard's conversion writes each node's attributes as ``str`` of their values: for the tensor
+    constants of a trace (masks, scales, positions: 34 host reads for the 2-layer GPT-2 of
+    ``tests/sync_budget.py``) a read of their values, a device sync each on an accelerator.  Their dtype
+    and shape are written instead."""
+    original = tb_graph._node_get
+    tb_graph._node_get = lambda node, key: _describe_tensors(original(node, key))
+    try:
+        yield
+    finally:
+        tb_graph._node_get = original
+
+
+def _graph(module: nn.Module, inputs: tuple, strict: bool) -> tuple[graph_pb2.GraphDef, Any]:
+    """TensorBoard's ``add_graph`` conversion (``torch.utils.tensorboard._pytorch_graph.graph``) without host
+    reads of device values.
+
+    ``torch.jit.trace``'s default check (``check_trace=True``) runs the model twice more and compares the
+    outputs on the host: three forwards instead of one, and device syncs, at the first step.  The trace's
+    tensor constants are described, not printed (`_constants_unread`).  What is left reads nothing for
+    plain models; a Hugging Face model's own code reads values while it is traced, and the JIT's inlining
+    compares the trace's tensor constants (``aten::equal``): about 120 reads for that GPT-2.
+    """
+    from torch.utils.tensorboard import _pytorch_graph as tb_graph
+
+    with tb_graph._set_model_to_eval(module):
+        traced = torch.jit.trace(module, inputs, strict=strict, check_trace=False)
+        graph = traced.graph
+        torch._C._jit_pass_inline(graph)
+    with _constants_unread(tb_graph):
+        nodes = tb_graph.parse(graph, traced, inputs)
+    run_metadata = tb_graph.RunMetadata(
+        step_stats=tb_graph.StepStats(dev_stats=[tb_graph.DeviceStepStats(device="/device:CPU:0")]))
+    return graph_pb2.GraphDef(node=nodes, versions=versions_pb2.VersionDef(producer=22)), run_metadata
+
+
 def trace(model: nn.Module, args: tuple, kwargs: dict | None = None) -> tuple[graph_pb2.GraphDef, Any, list[str]]:
     """``(GraphDef, RunMetadata, tracer warnings)`` of one call; raises what ``torch.jit.trace`` raises."""
-    from torch.utils.tensorboard._pytorch_graph import graph
-
     kwargs = kwargs or {}
     attempts: list[tuple[nn.Module, tuple, bool]] = []
     if not kwargs:
@@ -93,12 +133,13 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None) -> tuple[gr
             warnings.simplefilter("always")
             try:
                 with _untouched(model):
-                    graph_def, run_metadata = graph(module, inputs, verbose=False, use_strict_trace=strict)
+                    graph_def, run_metadata = _graph(module, inputs, strict)
             except Exception as e:  # jit.trace raises many kinds of errors
                 errors.append(e)
                 graph_def = None
-        for w in caught:  # tbdiag's own warnings raised during the trace (a tripped shield) still reach the user
-            if "tbdiag" in str(w.message):
+        for w in caught:  # tbdiag's own warnings raised during the trace (a tripped shield) still reach the user,
+            # and so do those of torch.cuda.set_sync_debug_mode("warn"): a sync in the trace is one in the step
+            if "tbdiag" in str(w.message) or "called a synchronizing" in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if graph_def is not None:
             notes = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]

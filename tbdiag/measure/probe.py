@@ -103,6 +103,10 @@ class StepProbe:
     # model-level values known on the host: a number, or a callable read once the step's layer rows are final
     host_model: dict[str, Any] = field(default_factory=dict)
     model_offsets: dict[str, float] = field(default_factory=dict)  # added on the host to transferred values
+    # where the step's results are gathered before any stack or concatenation, and its host transfer starts:
+    # the first accelerator a measurement was on (else the CPU); a model spread over several devices in one
+    # process (``device_map="auto"``, pipeline stages) has its other devices' results copied there
+    device: torch.device | None = None
 
     def add_model(self, name: str, value: "torch.Tensor | float | Callable[[], float]", offset: float = 0.0) -> None:
         """A model-level statistic (`schema.MODEL_COLUMNS`): a device scalar rides in the step's host transfer.
@@ -128,9 +132,18 @@ class StepProbe:
 
     def add(self, kind: str, key: Any, tensor: torch.Tensor | np.ndarray, weight: Any = None) -> None:
         """One measurement: a device tensor, or a numpy array for values already on the host (CPU statistics)."""
+        if (self.device is None or self.device.type == "cpu") and isinstance(tensor, torch.Tensor):
+            self.gather_device(tensor)
         self.parts.append(tensor)
         self.layout.append((kind, key))
         self.weights.append(weight)
+
+    def gather_device(self, t: torch.Tensor) -> torch.device:
+        """The device this step's results are gathered on (`device`): ``t``'s when none is chosen yet, or when
+        only the CPU is and ``t`` is on an accelerator."""
+        if self.device is None or (self.device.type == "cpu" and t.device.type != "cpu"):
+            self.device = t.device
+        return self.device
 
     def producer(self, x: torch.Tensor) -> tuple[int, bool] | None:
         """The layer row that wrote ``x``'s memory in this forward, and whether ``x`` is that output as it is."""
@@ -195,12 +208,18 @@ class StepProbe:
             elif not measured:
                 dim = stats.unit_dim(out.shape, layer.channels_first or out.dim() >= 4)
                 todo.setdefault((tuple(out.shape), out.device, dim), []).append((layer, out))
+        hist_of = self.options.activation_histograms
         for (_, _, dim), group in todo.items():
+            # stacked in the order [histogram and moments, moments, the rest] (a GELU's output beside a Linear's):
+            # each reduction reads a leading run of rows, a view, never rows picked by a list of positions (an
+            # index tensor made from Python numbers and copied to the device, which waits for it, mid-forward)
+            group.sort(key=lambda item: (not (hist_of and item[0].params), item[0].is_activation))
             x = self.stack_buffer.stack([out for _, out in group])  # [k, *shape] float32, until the next stack
-            n = x[0].numel()
+            n = math.prod(x.shape[1:])
             flat = x.view(len(group), -1)
-            if any(not layer.is_activation for layer, _ in group):
-                for (layer, _), values in zip(group, stats.moments(flat)):
+            measured = max((j + 1 for j, (layer, _) in enumerate(group) if not layer.is_activation), default=0)
+            if measured:
+                for (layer, _), values in zip(group, stats.moments(flat[:measured])):
                     if not layer.is_activation:
                         self.add("act", layer.row, values, float(n))
             # one reduction per cutoff among the group's rectifier-like kinds (nearly always one)
@@ -208,10 +227,10 @@ class StepProbe:
                 for (layer, _), mask in zip(group, stats.dead_units_rows(x, dim, below)):
                     if layer.relu_after and DEAD_BELOW[layer.relu_after] == below:
                         self._activation_seen(layer.row, layer.relu_after, mask, n)
-            hist = [j for j, (layer, _) in enumerate(group) if self.options.activation_histograms and layer.params]
+            hist = sum(1 for layer, _ in group if hist_of and layer.params)  # the leading rows
             if hist:  # the group's samples in one copy (the stack is overwritten by the next group's)
-                self.add("act_hist_src", [group[j][0].row for j in hist],
-                         stats.histogram_sample_rows(flat if len(hist) == len(group) else flat[hist]))
+                self.add("act_hist_src", [layer.row for layer, _ in group[:hist]],
+                         stats.histogram_sample_rows(flat[:hist]))
 
     def on_activation(self, layer: Layer, kind: str, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
         """An activation of ``kind`` took ``x`` (``layer``'s output) and made ``out`` (None: not made yet).
@@ -260,29 +279,36 @@ class StepProbe:
 
         ``update`` is ``(positions, weights before the step)``: the copies are
         the probe's to overwrite (|w0 - w1| == |w1 - w0|, no new buffer).
+        Per-tensor results are gathered on the step's `device` before they are stacked.
         """
+        act_src = [(rows, t) for (kind, rows), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
+        first = params[0] if params else grads[0] if grads else act_src[0][1] if act_src else None
+        if first is None:
+            return
+        device = self.gather_device(first)
+        if unscale is not None:
+            unscale = stats.gather([unscale], device)[0]
         if params:
-            self.add("w_norm", None, stats.norms(params))
+            self.add("w_norm", None, stats.norms(params, device))
         if grads:
-            g_norm = stats.norms(grads)
+            g_norm = stats.norms(grads, device)
             self.add("g_norm", with_grad, g_norm / unscale if unscale is not None else g_norm)
         if update is not None and update[0]:
             positions, before = update
             torch._foreach_sub_(before, [params[k] for k in positions])  # (under no_grad: `StepRecorder.collect`)
-            self.add("u_norm", positions, stats.norms(before))
+            self.add("u_norm", positions, stats.norms(before, device))
         if self.options.param_histograms:
             for kind, tensors, keys in (("p_hist", params, list(range(len(params)))), ("g_hist", grads, with_grad)):
                 if tensors:
-                    flat, lengths, scales, order = stats.histogram_samples(tensors)
+                    flat, lengths, scales, order = stats.histogram_samples(tensors, device)
                     if kind == "g_hist" and unscale is not None:
                         flat = flat / unscale
                     self._add_histograms(kind, [keys[i] for i in order], flat, lengths, scales)
         # layer outputs' samples: [k, length] blocks of k rows each; counted as sampled (scale 1)
-        act_src = [(rows, t) for (kind, rows), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
         if act_src:
             rows = [row for block_rows, _ in act_src for row in block_rows]
             lengths = [t.shape[1] for _, t in act_src for _ in range(t.shape[0])]
-            flat = torch.cat([t.reshape(-1) for _, t in act_src])
+            flat = torch.cat(stats.gather([t.reshape(-1) for _, t in act_src], device))
             self._add_histograms("a_hist", rows, flat, lengths, [1.0] * len(rows))
 
     def _add_histograms(self, kind: str, keys: list, flat: torch.Tensor, lengths: list[int],
@@ -294,8 +320,9 @@ class StepProbe:
 
     def pool_across_ranks(self, world: int, sharded: list[bool]) -> None:
         """Replace this rank's statistics by the whole job's, in one all_reduce (see `tbdiag.measure.distributed`)."""
-        device = next((t.device for t in self.parts if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        self.parts = [torch.from_numpy(t).to(device) if isinstance(t, np.ndarray) else t for t in self.parts]
+        device = self.device or torch.device("cpu")
+        self.parts = [torch.from_numpy(t).to(device, non_blocking=True) if isinstance(t, np.ndarray) else t
+                      for t in self.parts]
         at, kinds, weights = [], [], []
         for j, (kind, key) in enumerate(self.layout):
             if kind not in _POOLED:
@@ -308,7 +335,8 @@ class StepProbe:
             else:
                 weights.append(self.weights[j])
         if at:
-            for j, value in zip(at, distributed.reduce_parts([self.parts[j] for j in at], kinds, weights, world)):
+            pooled = distributed.reduce_parts([self.parts[j] for j in at], kinds, weights, world, device)
+            for j, value in zip(at, pooled):
                 self.parts[j] = value
 
     @property
@@ -318,24 +346,34 @@ class StepProbe:
     def to_host(self) -> list[tuple[tuple[str, Any], np.ndarray]]:
         """Every measurement of the step on the host, in one transfer."""
         keep = [(k, t) for k, t in zip(self.layout, self.parts) if k[0] != "act_hist_src"]
-        return list(zip((k for k, _ in keep), stats.to_host([t for _, t in keep])))
+        return list(zip((k for k, _ in keep), stats.to_host([t for _, t in keep], self.device)))
 
 
 def count_nonfinite(items: list, params: list[torch.Tensor]) -> dict[tuple[str, int], float]:
-    """Exact NaN/Inf counts, only where a norm says there are some: never on a healthy step."""
-    counts: dict[tuple[str, int], float] = {}
+    """Exact NaN/Inf counts, only where a norm says there are some: never on a healthy step.
+
+    The weights and gradients whose norms are not finite are counted on their devices and read in one
+    transfer (the step's second, only on a logging step that has some).
+    """
+    bad: list[tuple[str, int]] = []
     for (kind, keys), values in items:
         if kind not in ("w_norm", "g_norm") or np.isfinite(values).all():
             continue
         keys = list(range(len(params))) if keys is None else keys
-        bad = [k for k, v in zip(keys, values) if not math.isfinite(float(v))]
-        if not bad:
-            continue
-        tensors = [local(params[k] if kind == "w_norm" else params[k].grad) for k in bad]
-        with torch.no_grad():
-            host = stats.nonfinite_counts(tensors).cpu().numpy()
-        counts.update(((kind, k), float(c)) for k, c in zip(bad, host))
-    return counts
+        bad += [(kind, k) for k, v in zip(keys, values) if not math.isfinite(float(v))]
+    if not bad:
+        return {}
+    tensors = [local(params[k] if kind == "w_norm" else params[k].grad) for kind, k in bad]
+    by_device: dict[torch.device, list[int]] = {}
+    for j, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(j)
+    # (a copy between accelerators is no host sync: the counts meet on one, then one copy to the host)
+    target = next((d for d in by_device if d.type != "cpu"), tensors[0].device)
+    with torch.no_grad():
+        parts = [stats.nonfinite_counts([tensors[j] for j in at]) for at in by_device.values()]
+        host = torch.cat(stats.gather(parts, target)).cpu().numpy()
+    order = [j for at in by_device.values() for j in at]
+    return {bad[j]: float(c) for j, c in zip(order, host)}
 
 
 def grad_scale(scaler: Any, device: torch.device) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,14 +40,91 @@ HISTOGRAM_SAMPLE = 1 << 12
 #: visible difference in a 30-bucket picture.)
 HISTOGRAM_SHARE_ERROR = 0.02
 
+#: Outputs of more elements than this are measured a piece of at most this many elements at a time
+#: (`pieces`): what a statistic allocates per element (a float32 copy of a bfloat16 output, the deviations
+#: from the mean, ``isfinite``'s masks: 7-11 bytes per element of the whole output) is then allocated for
+#: one piece, at most 8 bytes per element of it (32 MiB; tests/test_stats_memory.py), not for the whole
+#: output (a language model's logits: gigabytes).  The results are the whole output's up to float rounding
+#: (the pieces' partial sums added up; the deviations taken from the whole output's mean).
+STATS_CHUNK = 1 << 22
+
+
+def gather(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``tensors`` on ``device``, to be stacked or concatenated: those elsewhere copied there, without blocking
+    the host where the copy goes to an accelerator (a model spread over several devices in one process).
+
+    A copy to the CPU blocks (the host reads the result next); those are a model's CPU-offloaded parts.
+    """
+    non_blocking = device.type != "cpu"
+    return [t if t.device == device else t.to(device, non_blocking=non_blocking) for t in tensors]
+
+
+def pieces(x: torch.Tensor, chunk: int | None = None) -> list[torch.Tensor]:
+    """Views of ``x`` that together hold each of its elements once, each of at most ``chunk`` elements
+    (default `STATS_CHUNK`).
+
+    Along the leading dimension (whole slices where a slice fits, else each slice in pieces); a contiguous
+    ``x`` as a flat run.  Views only: no copy, whatever the strides.
+    """
+    chunk = STATS_CHUNK if chunk is None else chunk
+    if x.numel() <= chunk or x.dim() == 0:
+        return [x]
+    if x.is_contiguous():
+        x = x.view(-1)
+    per = x[0].numel() if x.dim() > 1 else 1  # elements per index along the leading dimension
+    if per <= chunk:
+        return list(x.split(chunk // per, 0))
+    return [p for sub in x.unbind(0) for p in pieces(sub, chunk)]
+
+
 def activation_stats(out: torch.Tensor) -> torch.Tensor | np.ndarray:
-    """``[mean, std, nonfinite count]`` of a layer output (float32, on its device): `moments` of one."""
+    """``[mean, std, nonfinite count]`` of a layer output (float32, on its device): `moments` of one.
+
+    An output of more than `STATS_CHUNK` elements is measured in `pieces` (`_moments_pieces`): the memory
+    the statistics allocate stays bounded whatever its size.
+    """
     x = out.detach()
     if x.numel() == 0:
         return np.full(3, np.nan, dtype=np.float32) if x.device.type == "cpu" else \
             torch.full((3,), float("nan"), device=x.device)
+    if x.numel() > STATS_CHUNK:
+        return _moments_pieces_cpu(x) if x.device.type == "cpu" else _moments_pieces(x)
     x = x if x.dtype == torch.float32 else x.float()
     return _moments_one_cpu(x, x.numel()) if x.device.type == "cpu" else _moments(x.reshape(1, -1), x.numel())[0]
+
+
+def _float_pieces(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`pieces` of ``x`` in float32 (each converted on its own: one piece's copy at a time)."""
+    for p in pieces(x):
+        yield p if p.dtype == torch.float32 else p.float()
+
+
+def _moments_pieces_cpu(x: torch.Tensor) -> np.ndarray:
+    """`_moments_one_cpu` of a large CPU output, a piece at a time: the same steps, the pieces' sums added
+    up in float64 on the host."""
+    n = x.numel()
+    m = sum(float(p.sum()) for p in _float_pieces(x)) / n
+    if not math.isfinite(m):  # (finiteness is the same in the output's own dtype: no float32 copy)
+        bad = sum(p.numel() - int(torch.isfinite(p).sum()) for p in pieces(x))
+        return np.array([m, math.nan, bad], dtype=np.float32)
+    var = sum(float(torch.linalg.vector_norm(p)) ** 2 for p in _float_pieces(x)) / n - m * m
+    if var < m * m:  # cancellation: two passes
+        var = sum(float(torch.linalg.vector_norm(p - m)) ** 2 for p in _float_pieces(x)) / n
+    return np.array([m, math.sqrt(max(var, 0.0)), 0.0], dtype=np.float32)
+
+
+def _moments_pieces(x: torch.Tensor) -> torch.Tensor:
+    """`_moments` of one large device output, a piece at a time (no host reads): the mean from the pieces'
+    sums; the norm of the deviations as the norm of the pieces' norms; the pieces' finite counts added up."""
+    n = x.numel()
+    sums, finite = [], []
+    for p in pieces(x):  # (the float32 copy of a piece freed before its finiteness mask is made)
+        sums.append((p if p.dtype == torch.float32 else p.float()).sum())
+        finite.append(torch.isfinite(p).sum())
+    mean = torch.stack(sums).sum() / n
+    std = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p - mean) for p in _float_pieces(x)]))
+    nonfinite = (n - torch.stack(finite).sum()).to(torch.float32)
+    return torch.stack([mean, std / math.sqrt(n), nonfinite])
 
 
 def moments(x: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -156,31 +233,38 @@ def _never_fired(x: torch.Tensor, unit: int, first: int = 0, below: float = 0.0)
 
 def saturated_fraction(y: torch.Tensor, kind: str) -> torch.Tensor:
     """Fraction of sigmoid (``kind="sigmoid"``) or tanh outputs within 1% of their bounds."""
-    x = y.detach().float()
+    if kind not in ("sigmoid", "tanh"):
+        raise ValueError(f"saturation is defined for 'sigmoid' and 'tanh', not {kind!r}")
+    x = y.detach()
     if x.numel() == 0:
         return torch.full((), float("nan"), device=x.device)
+    if x.numel() > STATS_CHUNK:  # counted a piece at a time (bounded memory), exactly
+        return (torch.stack([_saturated(p, kind).sum() for p in _float_pieces(x)]).sum() / x.numel()).float()
+    return _saturated(x.float(), kind).float().mean()
+
+
+def _saturated(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "sigmoid":
-        sat = (x < SATURATION_MARGIN) | (x > 1 - SATURATION_MARGIN)
-    elif kind == "tanh":
-        sat = x.abs() > 1 - 2 * SATURATION_MARGIN
-    else:
-        raise ValueError(f"saturation is defined for 'sigmoid' and 'tanh', not {kind!r}")
-    return sat.float().mean()
+        return (x < SATURATION_MARGIN) | (x > 1 - SATURATION_MARGIN)
+    return x.abs() > 1 - 2 * SATURATION_MARGIN
 
 
-def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, as one float32 vector (one fused kernel per device and dtype)."""
+def norms(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """L2 norm of each tensor, as one float32 vector on ``device`` (default: the first tensor's; one fused
+    kernel per device and dtype, the norms computed where their tensors are and gathered, `gather`)."""
     if not tensors:
         return torch.zeros(0)
     # accumulated in float32 whatever the tensors' dtype (bfloat16/float16 models): a norm is a long sum;
     # no_grad rather than a detach per tensor (a dispatch each)
     with torch.no_grad():
-        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+        values = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+        return torch.stack(gather(values, tensors[0].device if device is None else device))
 
 
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Count of NaN/Inf elements in each tensor (float32 vector)."""
-    return torch.stack([(t.numel() - torch.isfinite(t.detach()).sum()).float() for t in tensors])
+    """Count of NaN/Inf elements in each tensor (float32 vector, on the first tensor's device)."""
+    counts = [(t.numel() - torch.isfinite(t.detach()).sum()).float() for t in tensors]
+    return torch.stack(gather(counts, counts[0].device))
 
 
 #: Elements per contiguous run of a sample: one 64-byte cache line of float32.
@@ -254,8 +338,10 @@ def histogram_sample_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def histogram_samples(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
-    """The values each tensor's histogram is binned from, for many tensors, in one float32 device buffer.
+def histogram_samples(tensors: Sequence[torch.Tensor], device: torch.device | None = None
+                      ) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
+    """The values each tensor's histogram is binned from, for many tensors, in one float32 buffer on ``device``
+    (default: the first tensor's; samples of tensors elsewhere are copied there, `gather`).
 
     Returns ``(flat, lengths, scales, order)``: the concatenated samples (all
     values, or `sample_stride`'s fixed subset of a large tensor), each
@@ -271,14 +357,16 @@ def histogram_samples(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, li
     if not tensors:
         return torch.zeros(0), [], [], []
     with torch.no_grad():  # (rather than a detach per tensor)
-        sources = [_sample_view(t) for t in tensors]  # [runs, SAMPLE_RUN] views of sampled tensors, else flat
+        device = tensors[0].device if device is None else device
+        # [runs, SAMPLE_RUN] views of sampled tensors, else flat; on ``device`` (a copy of the sample only)
+        sources = gather([_sample_view(t) for t in tensors], device)
         runs = [i for i, f in enumerate(sources) if f.dim() == 2]
         whole = [i for i, f in enumerate(sources) if f.dim() == 1]
         order = runs + whole
         lengths = [sources[i].numel() for i in order]
         scales = [tensors[i].numel() / max(1, n) for i, n in zip(order, lengths)]
         n_runs = sum(lengths[: len(runs)])
-        out = torch.empty(sum(lengths), dtype=torch.float32, device=tensors[0].device)
+        out = torch.empty(sum(lengths), dtype=torch.float32, device=device)
         if runs:
             torch.cat([sources[i] for i in runs], out=out[:n_runs].view(-1, SAMPLE_RUN))
         if whole:
@@ -438,9 +526,11 @@ def feature_grid(out: torch.Tensor, max_channels: int = 16, size: int = 32, kind
     return ((x - lo) / (x.amax() - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
-def to_host(parts: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
+def to_host(parts: Sequence[torch.Tensor | np.ndarray], device: torch.device | None = None) -> list[np.ndarray]:
     """Copy many device tensors to the host in one transfer; returns numpy arrays shaped as given.
 
+    The device tensors are gathered on ``device`` (default: the first one's), concatenated there and copied
+    to the host at once; those on other devices (a model spread over several) reach it without blocking.
     Host values (numpy arrays: statistics computed on the host already, and
     CPU tensors) are passed through: the arrays may share memory with
     ``parts``, which are freshly computed results nobody writes to afterwards.
@@ -449,7 +539,8 @@ def to_host(parts: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
         p if isinstance(p, np.ndarray) else _host_float32(p) if p.device.type == "cpu" else None for p in parts]
     remote = [(i, p) for i, p in enumerate(parts) if out[i] is None]
     if remote:  # one concatenation on the device, one copy to the host
-        flat = torch.cat([p.detach().reshape(-1).to(device=remote[0][1].device, dtype=torch.float32)
+        device = remote[0][1].device if device is None or device.type == "cpu" else device
+        flat = torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float32, non_blocking=True)
                           for _, p in remote])
         host, offset = flat.cpu().numpy(), 0
         for i, p in remote:

@@ -4,10 +4,18 @@ Per-layer checks on every step would cost a pass over every activation (about
 2% of a CPU step of a 26-layer MLP), so the sentinel watches one tensor per
 step and finds the layer only once, when it fires:
 
-- Every training forward ends with one finiteness check of the model's output
-  (a sum over the output, with the exact mask only when the sum is not finite: about 50 µs
-  on a CPU step, most of it the first touch of a kernel after the forward).  NaN
-  born anywhere in a forward reaches the output, and NaN born in a backward
+- Every training forward ends with one finiteness check of the model's output:
+  one reduction per floating-point output tensor (`_reduce`), never a full-size
+  temporary, then three kernels on a few scalars (`_flag`).  On an accelerator
+  the reduction is a minimum and a maximum (``torch.aminmax``, one pass over a
+  dense tensor): in the tensor's own dtype (no float32 copy of a bfloat16
+  tensor), NaN-propagating, and with no sum that a finite tensor could
+  overflow, so it is exact.  On a CPU it is a sum (a third
+  of ``aminmax``'s time there: about 50 µs on a CPU step, most of it the first
+  touch of a kernel after the forward), which a sum of huge but finite values
+  also makes Inf: then, and only then, the exact ``aminmax`` tells the two apart
+  (a float16 sum overflows at 65,504: float16 goes to ``aminmax`` at once).
+  NaN born anywhere in a forward reaches the output, and NaN born in a backward
   reaches it one step later, through the weights the optimizer wrote with it.
 - When the output turns non-finite at step ``s`` the sentinel localises, once:
   if some weights are already NaN/Inf, it was born in the previous step's
@@ -23,13 +31,14 @@ step and finds the layer only once, when it fires:
   in the model's input is reported as such.
 
 Reading the check needs the value on the host.  On the CPU that costs nothing,
-so the sentinel reads it every step ("read" mode).  On an accelerator a read
-is a device-host sync, so by default the check only updates a device-side
-first-bad-step tensor (``torch.where``, no sync), sent with the next logging
+so the sentinel reads it every step ("read" mode: one read, whatever the number
+of output tensors).  On an accelerator a read is a device-host sync, so by
+default the check only folds into a device-side first-bad-step tensor (a
+comparison, a clamp and a ``torch.where``, no sync), sent with the next logging
 step's single transfer: the exact step of the first non-finite output, without
 the layer (readers then name it from the logging step's per-layer counts).
 ``watch(..., stop_on=("nonfinite",))`` asks for read mode there too, one sync
-per step, to stop at once and name the layer.
+per step (not one per output tensor), to stop at once and name the layer.
 
 Limits: the replay runs the user's forward once more (a forward hook of the
 user's runs again; a module that counts its calls in a Python attribute sees
@@ -48,33 +57,102 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..measure.layers import Layer, first_tensor
-from ..measure.probe import StepProbe
+from ..measure.probe import StepProbe, local
 
 #: Codes of the model statistic ``nonfinite_where`` (what the report says).
 WHERE_CODES: dict[str, float] = {"forward": 0.0, "backward": 1.0, "input": 2.0}
 
+#: Output dtypes the check reduces (torch has no reductions for the float8 types: such outputs go unchecked).
+CHECKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+#: Device types whose values the host reads without waiting for a device: the check is read there at every step.
+READ_FREE = frozenset({"cpu"})
+
+#: ``Sentinel._first`` before any non-finite output: no step.
+_NO_STEP = torch.iinfo(torch.int64).max
+
 
 def _floats(value: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a module's output or inputs (nested containers too)."""
+    """The tensors of a module's output or inputs (nested containers too) that the check reads: floating point,
+    not empty, with values (not meta); a sharded DTensor's local shard."""
     if isinstance(value, torch.Tensor):  # the common case, without walking a tree
-        return [value] if value.is_floating_point() and not value.is_meta else []
-    try:
-        leaves = pytree.tree_leaves(value)
-    except Exception:  # a type pytree cannot take apart: its first tensor
-        leaves = [first_tensor(value)]
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta]
+        leaves = [value]
+    else:
+        try:
+            leaves = pytree.tree_leaves(value)
+        except Exception:  # a type pytree cannot take apart: its first tensor
+            leaves = [first_tensor(value)]
+    shards = [local(t) for t in leaves if isinstance(t, torch.Tensor)]
+    return [t for t in shards if t.dtype in CHECKED_DTYPES and not t.is_meta and t.numel() > 0]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s elements as a contiguous 1-D view (any order), or None where they are not one dense block.
+
+    Permuted layouts (channels-last, a transpose) are dense: ordered by stride they are contiguous.
+    """
+    if t.is_contiguous():
+        return t.view(-1)
+    p = t.permute(sorted(range(t.dim()), key=t.stride, reverse=True))
+    return p.view(-1) if p.is_contiguous() else None
+
+
+def _reduce(t: torch.Tensor, exact: bool) -> tuple[torch.Tensor, ...]:
+    """One reduction of ``t`` into scalars on its device that are all finite if every element of ``t`` is.
+
+    Never a full-size temporary, never a host read.  ``exact``: its minimum and maximum, NaN-propagating and
+    in ``t``'s own dtype, so that no finite tensor can overflow into Inf: finite exactly when every element
+    is.  One pass (`torch.aminmax`) over a dense tensor; ``aminmax`` copies any other to a contiguous one
+    first, so a strided view is read twice instead (``amin`` and ``amax``).  Otherwise (only where reading
+    the result costs nothing, `READ_FREE`) its sum, a CPU's fastest reduction (a third of ``aminmax``'s time
+    on float32), which is also Inf/NaN when a sum of finite values overflows the float32 range: the caller
+    then asks for the exact one.  A float16 sum would overflow at 65,504, and a float32 sum of a float16
+    tensor is a full-size copy on a CPU: float16 is always reduced exactly.
+    """
+    t = t.detach()
+    if exact or t.dtype == torch.float16:
+        flat = _flat(t)
+        return torch.aminmax(flat) if flat is not None else (t.amin(), t.amax())
+    return (t.sum(),)  # float32/float64, or bfloat16: summed in float32 by the CPU, the float32 range
+
+
+def _flag(tensors: list[torch.Tensor], exact: bool) -> torch.Tensor:
+    """0 if every element of ``tensors`` is finite, else NaN: a 0-dim tensor on their device, no host read.
+
+    One reduction per tensor (`_reduce`), then three kernels on a few scalars (0 * Inf and 0 * NaN are NaN).
+    Tensors on several devices are reduced on each; the flags meet on the first accelerator's device (a copy
+    between accelerators is no host sync), and a CPU's joins as a number (read on the host, free there: a
+    copy up from pageable host memory would wait for the stream).
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).extend(_reduce(t, exact))
+    flags = [torch.stack(values).mul(0).sum() for values in by_device.values()]
+    if len(flags) == 1:
+        return flags[0]
+    on_host = sum(float(f) for f in flags if f.device.type == "cpu")
+    accelerators = [f for f in flags if f.device.type != "cpu"]
+    target = accelerators[0].device
+    return torch.stack([f.to(device=target, dtype=torch.float32, non_blocking=True) for f in accelerators]).sum() \
+        + on_host
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Host read: only called where that costs no device sync (CPU) or the user asked for it.
+    """Whether every element of ``tensors`` is finite, with one host read (a device sync off the CPU).
 
-    A sum is one reduction and no mask: finite unless some element is NaN/Inf, or the sum overflows,
-    which the exact check then tells apart (a quarter of the cost of the mask on every step)."""
-    for t in tensors:
-        t = t.detach()
-        if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
-            return False
-    return True
+    Where reading costs nothing (`READ_FREE`), the cheapest reduction first and the exact one only when it says
+    non-finite: a sum that overflowed while every element is finite is told apart, not called NaN.
+    """
+    if not tensors:
+        return True
+    if all(t.device.type in READ_FREE for t in tensors):
+        values = _reduce(tensors[0], exact=False) if len(tensors) == 1 else ()
+        if len(values) == 1:  # one sum: read as it is (the three kernels of `_flag` would triple a small check)
+            if math.isfinite(float(values[0])):
+                return True
+        elif float(_flag(tensors, exact=False)) == 0.0:
+            return True
+    return float(_flag(tensors, exact=True)) == 0.0
 
 
 class Sentinel:
@@ -129,19 +207,19 @@ class Sentinel:
         tensors = _floats(output)
         if not tensors:
             return
-        device = tensors[0].device
         if self._read is None:
-            self._read = self.read_always or device.type == "cpu"
+            self._read = self.read_always or all(t.device.type in READ_FREE for t in tensors)
         if self._read:  # (every tensor op here and below is on detached tensors: no autograd graph)
-            self._cuda = device.index if device.type == "cuda" else None
+            self._cuda = next((t.device.index for t in tensors if t.device.type == "cuda"), None)
             if not _all_finite(tensors):
                 self._localise(step, module, inputs, rng)
             return
-        finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all()
+        # device mode: the exact check's flag folds into the first bad step, on the device, with no host read
+        flag = _flag(tensors, exact=True)
         first = self._first
-        if first is None or first.device != device:
-            first = torch.full((), -1, dtype=torch.int64, device=device)
-        self._first = torch.where(finite | (first >= 0), first, step)
+        if first is None or first.device != flag.device:
+            first = torch.full((), _NO_STEP, dtype=torch.int64, device=flag.device)
+        self._first = torch.where(flag == 0, first, first.clamp(max=step))
 
     def add_to(self, probe: StepProbe) -> None:
         """Model statistics for a logging step: the sentinel's finding (read mode) or its device state."""
@@ -155,7 +233,7 @@ class Sentinel:
         elif self._first is not None:
             first, self._first = self._first, None
             # small numbers through the float32 transfer: the offset from this logging step, the step added back
-            offset = torch.where(first >= 0, (first - probe.step).to(torch.float64), math.nan)
+            offset = torch.where(first != _NO_STEP, (first - probe.step).to(torch.float64), math.nan)
             probe.add_model("nonfinite_step", offset, offset=float(probe.step))
 
     # ---------------------------------------------------------- once
@@ -163,8 +241,7 @@ class Sentinel:
     def _localise(self, step: int, module: nn.Module, inputs: tuple[tuple, dict] | None,
                   rng: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
         layers = self._layers()
-        bad_weights = [layer for layer in layers
-                       if any(not _all_finite([p.detach()]) for _, p in layer.params if not p.is_meta)]
+        bad_weights = [layer for layer in layers if not _all_finite(_floats([p for _, p in layer.params]))]
         if bad_weights and step > 0:
             self._found(step - 1, bad_weights[-1], "backward")
             return
