@@ -274,11 +274,12 @@ class StepProbe:
         return kinds
 
     def collect_params(self, params: list[torch.Tensor], grads: list[torch.Tensor], with_grad: list[int],
-                       update: tuple[list[int], list[torch.Tensor]] | None, unscale: torch.Tensor | None) -> None:
+                       update: tuple[list[int], list[torch.Tensor], list[float]] | None,
+                       unscale: torch.Tensor | None) -> None:
         """Norms and histogram samples of parameters, gradients (divided by ``unscale``) and updates.
 
-        ``update`` is ``(positions, weights before the step)``: the copies are
-        the probe's to overwrite (|w0 - w1| == |w1 - w0|, no new buffer).
+        ``update`` is ``(positions, weights before the step, scales)`` from `WeightCopies.take`: the copies
+        are the probe's to overwrite (|w0 - w1| == |w1 - w0|, no new buffer).
         Per-tensor results are gathered on the step's `device` before they are stacked.
         """
         act_src = [(rows, t) for (kind, rows), t in zip(self.layout, self.parts) if kind == "act_hist_src"]
@@ -294,8 +295,11 @@ class StepProbe:
             g_norm = stats.norms(grads, device)
             self.add("g_norm", with_grad, g_norm / unscale if unscale is not None else g_norm)
         if update is not None and update[0]:
-            positions, before = update
-            torch._foreach_sub_(before, [params[k] for k in positions])  # (under no_grad: `StepRecorder.collect`)
+            positions, before, scales = update
+            after = [update_sample(params[k])[0] for k in positions]
+            torch._foreach_sub_(before, after)  # (under no_grad: `StepRecorder.collect`)
+            if any(scale != 1.0 for scale in scales):
+                torch._foreach_mul_(before, scales)  # a sample's change, scaled to the whole tensor's
             self.add("u_norm", positions, stats.norms(before, device))
         if self.options.param_histograms:
             for kind, tensors, keys in (("p_hist", params, list(range(len(params)))), ("g_hist", grads, with_grad)):
@@ -410,39 +414,66 @@ class StackBuffer:
         return out
 
 
-class WeightCopies:
-    """The weights before an optimizer step, for the update ratio.
+#: Parameters above this many elements have their update measured on a fixed strided sample of about this
+#: many elements (copied before the step) instead of a full copy: the update ratio of a large tensor is then an
+#: estimate (docs/performance.md measures its error), and the copies take ~0.26 MB per tensor, not its size.
+UPDATE_SAMPLE = 65_536
 
-    On the CPU the copies are kept and refilled at every logging step: fresh
-    multi-megabyte allocations cost page faults, about ten times the copy
-    itself.  On accelerators (caching allocators) they are allocated per
-    logging step and freed after it.
+
+def update_sample(t: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(view, scale)``: the elements of ``t`` whose change is measured, and sqrt(numel / their count).
+
+    The whole tensor when it is small or not contiguous; otherwise every ``stride``-th element of its flat
+    view, with an odd stride so that the sample walks across the columns of a matrix instead of staying in
+    a few of them (every row of an embedding is visited: a sparse update still shows).
+    """
+    n = t.numel()
+    if n <= UPDATE_SAMPLE or not t.is_contiguous():
+        return t, 1.0
+    stride = -(-n // UPDATE_SAMPLE) | 1
+    view = t.view(-1)[::stride]
+    return view, math.sqrt(n / view.numel())
+
+
+class WeightCopies:
+    """The weights before an optimizer step, for the update ratio: small tensors whole, large ones sampled.
+
+    Copying every parameter right before ``optimizer.step()`` would double the parameters' memory at the
+    step's peak; a sample of `UPDATE_SAMPLE` elements per large tensor bounds it.  On the CPU the copies are
+    kept and refilled at every logging step (fresh allocations cost page faults); on accelerators (caching
+    allocators) they are allocated per logging step and freed after it.
     """
 
     def __init__(self) -> None:
         self._kept: list[torch.Tensor] | None = None
-        self._taken: tuple[dict[int, int], list[torch.Tensor]] | None = None
+        self._taken: tuple[dict[int, int], list[torch.Tensor], list[float]] | None = None
 
     def capture(self, positions: list[int], live: list[torch.Tensor]) -> None:
-        """Copy ``live`` (the parameters at ``positions``) before the step."""
+        """Copy (the sample of) ``live`` (the parameters at ``positions``) before the step."""
         self._taken = None
         if not live:  # nothing trainable (a frozen model stepped by another module's optimizer)
             return
+        views, scales = zip(*(update_sample(t) for t in live))
         kept = self._kept
-        if (kept is not None and len(kept) == len(live)
-                and all(k.shape == t.shape and k.dtype == t.dtype and k.device == t.device for k, t in zip(kept, live))):
-            torch._foreach_copy_(kept, live)
+        if (kept is not None and len(kept) == len(views)
+                and all(k.shape == v.shape and k.dtype == v.dtype and k.device == v.device
+                        for k, v in zip(kept, views))):
+            torch._foreach_copy_(kept, list(views))
             copies = kept
         else:
-            copies = [t.clone() for t in live]
+            copies = [v.clone() for v in views]
             self._kept = copies if all(t.device.type == "cpu" for t in live) else None
-        self._taken = ({k: j for j, k in enumerate(positions)}, copies)
+        self._taken = ({k: j for j, k in enumerate(positions)}, copies, list(scales))
 
-    def take(self, with_grad: list[int]) -> tuple[list[int], list[torch.Tensor]] | None:
-        """``(positions, copies)`` of the captured parameters that received a gradient; forgets the capture."""
+    def take(self, with_grad: list[int]) -> tuple[list[int], list[torch.Tensor], list[float]] | None:
+        """``(positions, copies, scales)`` of the captured parameters that received a gradient; forgets the capture.
+
+        A copy is of `update_sample`'s view of its parameter; ``scale`` turns the sample's change into an
+        estimate of the whole tensor's (1.0 where the copy is whole).
+        """
         taken, self._taken = self._taken, None
         if taken is None:
             return None
-        at, copies = taken
+        at, copies, scales = taken
         positions = [k for k in with_grad if k in at]
-        return positions, [copies[at[k]] for k in positions]
+        return positions, [copies[at[k]] for k in positions], [scales[at[k]] for k in positions]
