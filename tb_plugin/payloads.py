@@ -5,6 +5,11 @@ test and to read next to ``http_api.md``.  Floats go through `json_values`,
 which keeps responses strict JSON when a statistic is NaN or Inf: those become
 the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (as `tbdiag report
 --format json` and TensorBoard's own ``json_util`` encode them).
+
+The health tensors store NaN for "not measured" and for a measured NaN alike;
+`nan_values` tells them apart (a NaN where the layer counted NaN/Inf in what
+the statistic is computed from is a value), and `json_cells` sends the first
+as ``null`` and the second as ``"NaN"``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,36 @@ def json_values(values: np.ndarray) -> list[Any]:
     if bad.size:
         for i in bad.tolist():
             out[i] = json_number(out[i])
+    return out
+
+
+#: (statistic column, column of the NaN/Inf count of what it is computed from), per `Statistic.nonfinite_count`.
+_COUNTED_BY: tuple[tuple[int, int], ...] = tuple(
+    (schema.COLUMN_INDEX[s.name], schema.COLUMN_INDEX[s.nonfinite_count])
+    for s in statistics.STATISTICS if s.nonfinite_count is not None
+)
+
+
+def nan_values(stats: np.ndarray) -> np.ndarray:
+    """Which NaN cells of ``stats`` (``[..., columns]``, columns in schema order) are measured NaN values.
+
+    A NaN where the layer counted NaN/Inf in what the statistic is computed
+    from (its output for the activation statistics, its gradients, its
+    weights) is the value NaN; every other NaN means "not measured".
+    """
+    mask = np.zeros(stats.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        for c, k in _COUNTED_BY:
+            mask[..., c] = np.isnan(stats[..., c]) & (stats[..., k] > 0)
+    return mask
+
+
+def json_cells(values: np.ndarray, nan_is_value: np.ndarray) -> list[Any]:
+    """Statistics as a JSON-safe list: ``null`` where not measured, ``"NaN"`` where measured as NaN."""
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    out = json_values(arr)
+    for i in np.flatnonzero(np.isnan(arr) & ~np.asarray(nan_is_value, dtype=bool).reshape(-1)).tolist():
+        out[i] = None
     return out
 
 
@@ -139,11 +174,19 @@ def _finding_with_spans(f: rules.Finding) -> dict[str, Any]:
 
 
 def _measured(view: RunView) -> np.ndarray:
-    """Which columns hold any finite value in the run (memoised: a full scan of a big run is ~50 MB)."""
+    """Which columns hold any measured value in the run (memoised: a full scan of a big run is ~50 MB)."""
     if "measured" not in view.memo:
-        view.memo["measured"] = np.array(
-            [np.isfinite(view.data.stats[:, :, c]).any() for c in range(len(schema.COLUMNS))], dtype=bool
-        )
+        stats = view.data.stats
+        counted = {c: k for c, k in _COUNTED_BY}
+        measured = []
+        for c in range(len(schema.COLUMNS)):
+            column = stats[:, :, c]
+            seen = bool((~np.isnan(column)).any())
+            if not seen and c in counted:
+                with np.errstate(invalid="ignore"):
+                    seen = bool((stats[:, :, counted[c]] > 0).any())
+            measured.append(seen)
+        view.memo["measured"] = np.array(measured, dtype=bool)
     return view.memo["measured"]
 
 
@@ -154,11 +197,12 @@ def layers_payload(view: RunView, step: int | None) -> dict[str, Any]:
     at = int(data.steps[t])
     flags = _flags_by_layer(findings)
     stats_now = data.stats[t]  # [layers, columns]
+    nan_now = nan_values(stats_now)  # NaN cells that are values, not "not measured"
     has_data = _measured(view)  # columns measured at all in this run
     rows = []
     for i, info in enumerate(data.table.layers):
         own = flags.get(info.name, [])
-        row_stats = json_values(stats_now[i])
+        row_stats = json_cells(stats_now[i], nan_now[i])
         rows.append({
             "index": i,
             "name": info.name,
@@ -190,7 +234,9 @@ def series_payload(
     i = layer_index(data, layer)
     info = data.table.layers[i]
     names = list(stats) if stats else list(schema.COLUMNS)
-    series = {c: json_values(data.stats[:, i, schema.COLUMN_INDEX[c]]) for c in names}
+    own = data.stats[:, i, :]  # [steps, columns]
+    nan = nan_values(own)
+    series = {c: json_cells(own[:, schema.COLUMN_INDEX[c]], nan[:, schema.COLUMN_INDEX[c]]) for c in names}
     return {
         "run": data.name,
         "layer": info.name,
@@ -212,11 +258,17 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
     500 layers x 2,000 steps is a million numbers: as a JSON list that is
     ~20 MB and seconds to encode and parse; packed little-endian float32 in
     base64 it is 5 MB, encoded in milliseconds, and the tab reads it straight
-    into a Float32Array.  NaN (not measured)
-    stays NaN in the array.
+    into a Float32Array.  NaN stays NaN in the array; ``nan_values`` (one
+    byte per cell, same shape, ``null`` when there is none) marks the NaN
+    cells that are measured NaN values rather than "not measured".
     """
     data, findings = view.data, view.findings
-    matrix = np.ascontiguousarray(data.stats[:, :, schema.COLUMN_INDEX[stat]].T, dtype="<f4")  # [layers, steps]
+    c = schema.COLUMN_INDEX[stat]
+    matrix = np.ascontiguousarray(data.stats[:, :, c].T, dtype="<f4")  # [layers, steps]
+    count = dict(_COUNTED_BY).get(c)
+    with np.errstate(invalid="ignore"):
+        nan_cells = (np.isnan(matrix) & (data.stats[:, :, count].T > 0)) if count is not None \
+            else np.zeros(matrix.shape, dtype=bool)
     finite = matrix[np.isfinite(matrix)]
     described = statistics.statistic(stat)
     if described.scale == "log":
@@ -240,12 +292,17 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
         "values": packed["values"],
         "min": packed["min"],
         "max": packed["max"],
-        "flagged": {
-            name: {"worst": evaluator.worst(fs), "issues": sorted({f.issue for f in fs}),
-                   "first_step": min(f.first_step for f in fs)}
-            for name, fs in flags.items()
-        },
+        "nan_values": base64.b64encode(nan_cells.astype(np.uint8).tobytes()).decode("ascii")
+        if nan_cells.any() else None,
+        "flagged": {name: _heatmap_flag(fs) for name, fs in flags.items()},
     }
+
+
+def _heatmap_flag(fs: Sequence[rules.Finding]) -> dict[str, Any]:
+    """What the heatmap's gutter shows for a flagged layer: its worst finding first (the earliest among equals)."""
+    worst = min(fs, key=lambda f: (-rules.SEVERITY_RANK[f.severity], f.first_step))
+    return {"worst": worst.severity, "worst_issue": worst.issue, "issues": sorted({f.issue for f in fs}),
+            "first_step": min(f.first_step for f in fs)}
 
 
 def rules_payload(resolved_json: list[dict[str, Any]]) -> dict[str, Any]:

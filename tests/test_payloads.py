@@ -30,7 +30,8 @@ def recovering_run() -> RunData:
     """Healthy, except block1 dead at steps 30..80 and block2's gradients vanishing at 40..90; both recover.
 
     No sigmoid/tanh anywhere: saturated_frac is never measured.  The head's
-    activation mean is NaN at the last step, its gradient norm +Inf there.
+    activation mean is missing at the last step (NaN, with no NaN/Inf counted in
+    its output: not measured), its gradient norm +Inf there.
     """
     stats = np.full((len(STEPS), len(LAYERS), len(schema.COLUMNS)), np.nan, np.float32)
     for name, value in (("act_mean", 0.2), ("act_std", 1.0), ("act_nonfinite", 0), ("dead_frac", 0.05),
@@ -110,13 +111,34 @@ def test_layers_payload_shape(view):
     assert [(row["index"], row["name"]) for row in body["layers"]] == list(enumerate(LAYERS))
     head = body["layers"][3]
     assert set(head["stats"]) == set(schema.COLUMNS)
-    assert head["stats"]["act_mean"] == "NaN" and head["stats"]["grad_norm"] == "Infinity"
-    assert head["stats"]["saturated_frac"] == "NaN"
+    # not measured is null, a NaN or Inf value a string: the tab prints "–" for the first, "NaN" or "+Inf" else
+    assert head["stats"]["act_mean"] is None and head["stats"]["grad_norm"] == "Infinity"
+    assert head["stats"]["saturated_frac"] is None
+    assert body["layers"][0]["stats"]["act_mean"] == pytest.approx(0.2)
     # the key columns in the table's order, without the one never measured in this run
     assert body["key_stats"] == [s for s in statistics.KEY_STATS if s != "saturated_frac"]
     assert body["model_findings"] == []
     with pytest.raises(BadRequest, match="before the run's first logged step"):
         payloads.layers_payload(view, -1)
+
+
+def test_nan_values_are_told_apart_from_not_measured(view):
+    """NaN where the layer counted NaN/Inf in what the statistic is computed from is a value; elsewhere null."""
+    data = recovering_run()
+    data.stats[-1, 3, C["act_nonfinite"]] = 3  # the head's output held NaN at the last step
+    head = strict(payloads.series_payload(view_of(data), "head", rules.resolve({}), ["act_mean", "saturated_frac"]))
+    assert head["series"]["act_mean"][:-1] == [pytest.approx(0.2)] * 11 and head["series"]["act_mean"][-1] == "NaN"
+    assert head["series"]["saturated_frac"] == [None] * 12  # no sigmoid/tanh: never measured
+    assert strict(payloads.series_payload(view, "head", rules.resolve({}), ["act_mean"]))["series"]["act_mean"][-1] \
+        is None  # the same gap without NaN/Inf counted in the output: not measured
+    data.stats[5, 1, C["grad_norm"]] = np.nan  # a gap in the measurements: no NaN counted in the gradients
+    data.stats[7, 2, C["grad_norm"]] = np.nan
+    data.stats[7, 2, C["grad_nonfinite"]] = 12  # NaN gradients: the norm is NaN, a value
+    mask = payloads.nan_values(data.stats)
+    assert not mask[5, 1, C["grad_norm"]] and mask[7, 2, C["grad_norm"]]
+    assert mask.sum() == 2  # and the head's NaN activation mean
+    assert payloads.json_cells(np.array([1.0, np.nan, np.nan, np.inf]), np.array([0, 1, 0, 0], bool)) == [
+        1.0, "NaN", None, "Infinity"]
 
 
 def test_series_payload_draws_the_rules_declared_lines(view):
@@ -152,9 +174,16 @@ def test_heatmap_payload(view):
     np.testing.assert_array_equal(matrix, view.data.column("grad_rms").T)
     assert body["min"] == pytest.approx(1e-9) and body["max"] == pytest.approx(2e-3)
     assert body["flagged"] == {
-        "block1": {"worst": "warning", "issues": ["dead_relu"], "first_step": 30},
-        "block2": {"worst": "warning", "issues": ["vanishing_gradient"], "first_step": 40},
+        "block1": {"worst": "warning", "worst_issue": "dead_relu", "issues": ["dead_relu"], "first_step": 30},
+        "block2": {"worst": "warning", "worst_issue": "vanishing_gradient", "issues": ["vanishing_gradient"],
+                   "first_step": 40},
     }
+    assert body["nan_values"] is None  # no NaN value in grad_rms (+Inf is in the float32 array itself)
+    data = recovering_run()
+    data.stats[-1, 3, C["act_nonfinite"]] = 3  # now the head's output held NaN: its NaN mean is a value
+    act = strict(payloads.heatmap_payload(view_of(data), "act_mean"))
+    nan = np.frombuffer(base64.b64decode(act["nan_values"]), np.uint8).reshape(act["shape"])
+    assert nan.sum() == 1 and nan[3, -1] == 1
     frac = strict(payloads.heatmap_payload(view, "dead_frac"))
     assert frac["scale"] == "fraction" and frac["min"] == pytest.approx(0.05) and frac["max"] == 1.0
     empty = strict(payloads.heatmap_payload(view, "saturated_frac"))
@@ -168,7 +197,8 @@ def test_rules_payload_serves_every_fact_the_tab_shows():
     assert [s["name"] for s in body["statistics"]] == list(schema.COLUMNS)
     assert body["statistics"][0] == {"name": "act_mean", "meaning": "mean of the layer's output over the batch",
                                      "label": "activation mean", "short": "act mean", "scale": "linear",
-                                     "chart": "with_finding", "key_column": None}
+                                     "chart": "with_finding", "key_column": None,
+                                     "nonfinite_count": "act_nonfinite"}
     assert body["key_stats"] == list(statistics.KEY_STATS) and body["heatmap_default"] in schema.COLUMNS
     by_name = {r["name"]: r for r in body["rules"]}
     assert by_name["dead_relu"]["threshold"] == 0.7

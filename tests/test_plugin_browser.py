@@ -87,6 +87,9 @@ def trained(tmp_path_factory):
 def test_sick_layer_is_flagged_and_its_drilldown_opens(browser, trained):
     logdir, workdir = trained
     with h.TensorBoardProcess(logdir, load_fast=False, workdir=workdir) as tb:
+        # TensorBoard reads the logdir in the background: the tab opens on the sick run's findings once all are read
+        tb.wait_for("/data/plugin/tbdiag/findings?run=sick", lambda status, body: status == 200 and body["steps"] == {
+            "count": 20, "first": 0, "last": 38})
         page, frame, watch = open_tab(browser, tb.url)
         select_only(frame, "sick")
         panel = frame.locator("section.panel[data-run='sick']")
@@ -98,9 +101,15 @@ def test_sick_layer_is_flagged_and_its_drilldown_opens(browser, trained):
         assert headline.startswith(f"WARNING\n{h.DEAD_LAYER}: dead") or f"{h.DEAD_LAYER}: dead" in headline, headline
         assert "100% of its ReLU units never fire" in headline
 
-        # the table, in model order, flags conv2 (colour + word + tooltip) and not fc2
+        # the table lists the sick layer first (the run has a warning: worst first), in model order on request;
+        # it flags conv2 (colour + word + tooltip) and not fc2
+        assert panel.locator("select.order-select").input_value() == "worst"
+        names = panel.locator("tr.layer-row td.name").all_inner_texts()
+        assert names[0] == h.DEAD_LAYER and sorted(names) == ["conv1", "conv2", "fc1", "fc2"], names
+        panel.locator("select.order-select").select_option("model")
         names = panel.locator("tr.layer-row td.name").all_inner_texts()
         assert names == ["conv1", "conv2", "fc1", "fc2"]
+        assert "model order" in panel.locator(".table-host .muted").inner_text()
         row = panel.locator(f"tr.layer-row[data-layer='{h.DEAD_LAYER}']")
         assert "row-warning" in row.get_attribute("class")
         chip = row.locator(".flag[data-issue='dead_relu']")

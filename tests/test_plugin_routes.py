@@ -190,8 +190,11 @@ def test_rules_table_and_threshold_overrides(client):
     assert not [f for f in get(client, P + f"/findings?run=sick&{quiet}")["findings"] if f["issue"] == "dead_relu"]
     conv2 = get(client, P + f"/layers?run=sick&{quiet}")["layers"][1]
     assert "dead_relu" not in [f["issue"] for f in conv2["flags"]]
-    # ...and its vanishing gradient, no longer explained by a dead layer, is a warning of its own
-    assert [f["severity"] for f in conv2["flags"] if f["issue"] == "vanishing_gradient"] == ["warning"]
+    # ...and its exactly-zero gradient, no longer explained by a dead layer, is a warning of its own (no_gradient,
+    # which explains the same layer's vanishing gradient)
+    severity = {f["issue"]: (f["severity"], f["explained_by"]) for f in conv2["flags"]}
+    assert severity["no_gradient"] == ("warning", None)
+    assert severity["vanishing_gradient"] == ("info", "no_gradient:conv2")
     assert get(client, P + f"/series?run=sick&layer=conv2&stat=dead_frac&{quiet}")["thresholds"]["dead_frac"][0][
         "value"] == 1.01
     # and the default comes back without the parameter (findings are cached per threshold setting)

@@ -124,7 +124,7 @@ class TagView {
 
   drawAccuracy() {
     const evs = this.tag.evaluations;
-    drawChart(this.canvas, evs.map((e) => e.step), evs.map((e) => (e.accuracy === null ? 'NaN' : e.accuracy)),
+    drawChart(this.canvas, evs.map((e) => e.step), evs.map((e) => e.accuracy),
         'fraction', [], this.tag.findings);
   }
 }

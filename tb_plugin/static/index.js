@@ -10,6 +10,7 @@
 
 import {el} from './dom.js';
 import {EvaluationSection} from './evaluation.js';
+import {refreshScales} from './heatmap.js';
 import {RunPanel} from './panel.js';
 import {attachThroughput} from './throughput.js';
 import {Requests, getJSON} from './requests.js';
@@ -75,6 +76,19 @@ function renderThresholds(host) {
   host.replaceChildren(table);
 }
 
+const PANEL_MIN = 290;  // px: the narrowest a run's panel gets (six side by side in a 1920px window)
+const PANEL_GAP = 14;   // px: style.css's .panels gap
+
+/** As many panels per row as fit, spread evenly over the rows they need (six at 1440px: two rows of three). */
+function layoutPanels(host) {
+  const n = Math.max(1, host.children.length);
+  const fit = Math.max(1, Math.floor((host.clientWidth + PANEL_GAP) / (PANEL_MIN + PANEL_GAP)));
+  const rows = Math.ceil(n / fit);
+  const cols = Math.min(fit, Math.ceil(n / rows));
+  host.style.gridTemplateColumns = `repeat(${cols}, minmax(0, 1fr))`;
+  host.dataset.columns = String(cols);
+}
+
 function renderPanels() {
   const host = document.getElementById('panels');
   const keep = new Set(state.selected);
@@ -94,8 +108,10 @@ function renderPanels() {
     shown.push(panel.root);
   }
   host.dataset.count = String(shown.length);
+  refreshScales();  // a run unticked may have held the ends of a shared colour scale
   if (shown.length) host.replaceChildren(...shown);
   else host.replaceChildren(el('p', {class: 'muted', text: 'Select a run above.'}));
+  layoutPanels(host);
 }
 
 async function reloadAll() {
@@ -125,13 +141,18 @@ export async function render() {
   const selector = el('div', {id: 'run-selector', class: 'run-selector'});
   const statSelect = el('select', {id: 'stat-select', 'aria-label': 'heatmap statistic'});
   const only = el('input', {type: 'checkbox', id: 'only-flagged'});
+  const shared = el('input', {type: 'checkbox', id: 'shared-scale'});
+  shared.checked = state.sharedScale;
   const rulesHost = el('div', {class: 'rules-host'});
   const toolbar = el('div', {class: 'toolbar'},
       el('label', {}, 'Heatmap: ', statSelect),
       el('label', {}, only, ' only flagged layers'),
+      el('label', {title: 'the same colour means the same value in every run shown'}, shared,
+          ' one colour scale for all runs'),
       el('button', {class: 'reload', title: 'read new steps and runs', onclick: () => reloadAll(), text: 'Reload'}),
       el('details', {class: 'thresholds'}, el('summary', {text: 'Rules & thresholds'}), rulesHost));
   const panels = el('div', {id: 'panels', class: 'panels'});
+  new ResizeObserver(() => layoutPanels(panels)).observe(panels);
   document.body.replaceChildren(el('main', {},
       el('header', {}, el('h1', {text: 'Training diagnostics'}), selector), toolbar, panels));
 
@@ -163,6 +184,10 @@ export async function render() {
   only.addEventListener('change', () => {
     state.onlyFlagged = only.checked;
     for (const panel of state.panels.values()) { panel.heatmap.draw(); panel.renderTable(); }
+  });
+  shared.addEventListener('change', () => {
+    state.sharedScale = shared.checked;
+    for (const panel of state.panels.values()) panel.heatmap.draw();
   });
   renderRunSelector(selector);
   renderThresholds(rulesHost);

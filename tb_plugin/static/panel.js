@@ -4,13 +4,21 @@
 // gets and draws them again whenever that changes (a run ticked or unticked,
 // the window resized).  Its requests go through its own `Requests`, so an
 // answer for a step, statistic or layer the user has moved on from is dropped.
+//
+// The table lists flagged layers first ("worst first", the default for a run
+// with a finding above the least severity) or in model order; its Flags column
+// keeps its room in the narrowest panel, the other columns shrink and cut
+// their text instead.
 
-import {drawChart} from './chart.js';
+import {chartAxis, drawChart} from './chart.js';
 import {el} from './dom.js';
-import {count, flagTooltip, fmt, fmtInt, num} from './format.js';
+import {count, flagTooltip, fmt, fmtInt, measured, num} from './format.js';
 import {Heatmap} from './heatmap.js';
+import {layerLabels} from './names.js';
 import {Requests} from './requests.js';
-import {primaryStat, readsOf, ruleOf, state, statisticOf, wordOf, worstOf} from './state.js';
+import {primaryStat, readsOf, ruleOf, severityRank, state, statisticOf, wordOf, worstOf} from './state.js';
+
+const ORDERS = [['worst', 'worst first'], ['model', 'model order']];
 
 function flagChip(f) {
   const chip = el('span', {class: `flag sev-${f.severity}`, title: flagTooltip(f), text: wordOf(f.issue)});
@@ -18,11 +26,21 @@ function flagChip(f) {
   return chip;
 }
 
+/** A dotted name as text nodes with a line-break opportunity after each dot (a narrow column wraps it there). */
+function breakable(name) {
+  const out = [];
+  name.split('.').forEach((part, i, all) => {
+    out.push(i < all.length - 1 ? `${part}.` : part);
+    if (i < all.length - 1) out.push(el('wbr'));
+  });
+  return out;
+}
+
 /** The statistics worth a chart for this layer, those a finding's rule reads first. */
 function chartedStats(series) {
   const read = new Set(series.findings.flatMap((f) => readsOf(f.issue)));
   const wanted = state.meta.statistics.filter((st) => {
-    const vals = (series.series[st.name] || []).map(num).filter((v) => !Number.isNaN(v));
+    const vals = (series.series[st.name] || []).filter(measured).map(num);  // NaN values count, gaps do not
     if (!vals.length) return false;  // never measured for this layer
     if (st.chart === 'nonzero') return vals.some((v) => v !== 0);
     if (st.chart === 'with_finding') return read.has(st.name);
@@ -49,13 +67,18 @@ export class RunPanel {
       clearTimeout(this.sliderTimer);
       this.sliderTimer = setTimeout(() => this.loadTable(this.steps[this.slider.value]), 150);
     });
+    this.order = null;  // 'worst' or 'model'; null until the user picks one (then the run's findings decide)
+    this.orderSelect = el('select', {class: 'order-select', 'aria-label': 'table order'},
+        ...ORDERS.map(([value, text]) => el('option', {value, text})));
+    this.orderSelect.addEventListener('change', () => { this.order = this.orderSelect.value; this.renderTable(); });
     this.tableHost = el('div', {class: 'table-host'});
     this.drill = el('div', {class: 'drill', hidden: ''});
     this.root.append(
         el('h2', {class: 'run-name', text: run.run}), this.banner,
         el('div', {class: 'panel-body'},
             el('div', {class: 'col-table'},
-                el('div', {class: 'section-title'}, 'Per-layer health at ', this.stepLabel, this.slider),
+                el('div', {class: 'section-title'}, 'Per-layer health at ', this.stepLabel, this.slider,
+                    el('label', {class: 'order'}, 'sort ', this.orderSelect)),
                 this.tableHost),
             el('div', {class: 'col-heat'}, this.heatmap.root, this.drill)));
     // canvases follow the room the panel gets: another run ticked, the window resized
@@ -74,6 +97,15 @@ export class RunPanel {
     this.requests.abandon();
     this.resizing.disconnect();
     clearTimeout(this.sliderTimer);
+    this.heatmap.heat = null;  // its colour range is no longer shared
+  }
+
+  /** The table's order: the user's choice, else worst first when a finding on a layer is more than the least severe. */
+  tableOrder() {
+    if (this.order) return this.order;
+    const f = this.findings;
+    const sick = f && f.findings.some((x) => x.layer !== null && severityRank(x.severity) > 0);
+    return sick ? 'worst' : 'model';
   }
 
   redraw() {
@@ -158,38 +190,57 @@ export class RunPanel {
     const t = this.table;
     if (!t) return;
     const stats = t.key_stats.map(statisticOf);
+    const order = this.tableOrder();
+    this.orderSelect.value = order;
+    const labels = layerLabels(t.layers.map((l) => l.name));
     const head = el('tr', {},
-        el('th', {text: 'Layer'}), el('th', {class: 'col-type', text: 'Type'}),
+        el('th', {class: 'col-name', text: 'Layer'}), el('th', {class: 'col-type', text: 'Type'}),
         el('th', {class: 'num col-params', text: 'Params'}),
-        ...stats.map((s) => el('th', {class: 'num', title: `${s.label} (${s.name}): ${s.meaning}`, text: s.short})),
-        el('th', {text: 'Flags'}));
+        ...stats.map((s) => el('th', {class: 'num col-stat', title: `${s.label} (${s.name}): ${s.meaning}`, text: s.short})),
+        el('th', {class: 'col-flags', text: 'Flags'}));
     const rows = [];
     for (const layer of t.layers) {
       const active = layer.flags.filter((f) => f.active);  // findings that hold at this step
       if (state.onlyFlagged && !active.length) continue;
       const worst = worstOf(active.map((f) => f.severity));
+      const ever = worstOf(layer.flags.map((f) => f.severity));
+      const first = active.length ? Math.min(...active.map((f) => f.first_step)) : 0;
       const tr = el('tr', {class: `layer-row${worst ? ` row-${worst}` : ''}${layer.name === this.openName ? ' open' : ''}`,
         onclick: () => this.openLayer(layer.name)});
       tr.dataset.layer = layer.name;
-      const flags = el('td', {class: 'flags'});
-      for (const f of active) flags.append(flagChip(f));
+      const flags = el('td', {class: 'flags col-flags'});
+      // the worst flag first: in a narrow column it is the one that shows
+      const chips = [...active].sort((a, b) => severityRank(b.severity) - severityRank(a.severity));
+      for (const f of chips) flags.append(flagChip(f));
       // a key statistic a flag here is about takes that flag's colour (style.css colours the alarming ones)
       const cellClass = (stat) => {
         const sev = worstOf(active.filter((f) => primaryStat(f.issue) === stat).map((f) => f.severity));
-        return sev ? `num bad-${sev}` : 'num';
+        const v = layer.stats[stat];
+        const bad = measured(v) && !Number.isFinite(num(v)) ? ' not-finite' : '';
+        return `num col-stat${sev ? ` bad-${sev}` : ''}${bad}`;
       };
       const type = layer.type + (layer.activation ? ` → ${layer.activation}` : '');
       tr.append(
-          el('td', {class: 'name', text: layer.name, title: `${layer.name}\n${type} · ${fmtInt(layer.params)} parameters`}),
-          el('td', {class: 'type col-type', text: type}),
+          el('td', {class: 'name col-name', title: `${layer.name}\n${type} · ${fmtInt(layer.params)} parameters`},
+              ...breakable(labels.rows[layer.index].short)),
+          el('td', {class: 'type col-type', text: type, title: type}),
           el('td', {class: 'num col-params', text: fmtInt(layer.params)}),
           ...stats.map((s) => el('td', {class: cellClass(s.name), text: fmt(layer.stats[s.name], s.scale)})),
           flags);
-      rows.push(tr);
+      rows.push({tr, key: [severityRank(worst), severityRank(ever), -first, -layer.index]});
     }
-    const table = el('table', {class: 'layers'}, el('thead', {}, head), el('tbody', {}, ...rows));
+    if (order === 'worst') {
+      // flagged at this step first (worst, then earliest), then flagged at other steps, then model order
+      rows.sort((a, b) => {
+        for (let i = 0; i < a.key.length; i++) if (a.key[i] !== b.key[i]) return b.key[i] - a.key[i];
+        return 0;
+      });
+    }
+    const table = el('table', {class: 'layers health'}, el('thead', {}, head), el('tbody', {}, ...rows.map((r) => r.tr)));
+    const renamed = labels.prefix ? ` · names without “${labels.prefix}”` : '';
     const note = el('div', {class: 'muted', text:
-      `${fmtInt(rows.length)} of ${count(t.layers.length, 'layer')}, model order · statistics at step ${fmtInt(t.step)}` +
+      `${fmtInt(rows.length)} of ${count(t.layers.length, 'layer')}, ${order === 'worst' ? 'worst first' : 'model order'}` +
+      ` · statistics at step ${fmtInt(t.step)} · – not measured${renamed}` +
       ' · hover a flag for what was measured, the threshold, since when and what to try'});
     this.tableHost.replaceChildren(table, note);
   }
@@ -232,11 +283,21 @@ export class RunPanel {
       const findings = series.findings.filter((f) => readsOf(f.issue).includes(name));
       const canvas = el('canvas', {class: 'chart'});
       canvas.dataset.stat = name;
-      canvas.dataset.thresholdLines = String(lines.length);
+      const axis = chartAxis(series.series[name], st.scale, lines);
       const legend = el('div', {class: 'chart-legend'});
-      for (const line of lines) {
-        legend.append(el('span', {class: `thr sev-${line.severity}`,
-          text: `- - ${line.label}${'value' in line ? ` = ${fmt(line.value, st.scale)}` : ''}`}));
+      for (const {line, drawn, where} of axis.lines) {
+        const value = 'value' in line ? ` = ${fmt(line.value, st.scale)}` : '';
+        // a line far from the data is not drawn (it would squash the series flat): say where it is instead
+        const off = drawn && !axis.allZero ? '' : `: ${where === 'off the scale' ? 'off the scale' : `${where} the range`}`;
+        const item = el('span', {class: `thr sev-${line.severity}${off ? ' off' : ''}`,
+          text: `${off ? '' : '- - '}${line.label}${value}${off}`});
+        item.dataset.where = off ? where : 'drawn';
+        legend.append(item);
+      }
+      if (axis.allZero) legend.append(el('span', {class: 'muted', text: 'every value exactly 0'}));
+      if (axis.notFinite) {
+        legend.append(el('span', {class: 'nan-note'}, el('span', {class: 'swatch inf'}),
+            ` NaN/Inf at ${count(axis.notFinite, 'logged step')}`));
       }
       charts.append(el('div', {class: `chart-box${findings.length ? ' flagged' : ''}`},
           el('div', {class: 'chart-title', title: st.meaning,

@@ -11,6 +11,7 @@ export const state = {
   selected: [],        // run names shown side by side
   stat: null,          // heatmap statistic
   onlyFlagged: false,
+  sharedScale: true,   // panels showing the same heatmap statistic share one colour scale
   thresholds: {},      // rule name -> overridden threshold
   panels: new Map(),   // run -> RunPanel
 };

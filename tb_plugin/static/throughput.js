@@ -58,7 +58,7 @@ class ThroughputStrip {
       const findings = spec.tag === 'perf/input_wait_frac' ? body.findings : [];
       row.append(el('div', {class: 'throughput-chart'},
           el('div', {class: 'chart-title'}, el('strong', {text: spec.title}), ` · last ${value}`), canvas));
-      this.charts.push(() => drawChart(canvas, s.steps, s.values, spec.scale, lines, findings));
+      this.charts.push(() => drawChart(canvas, s.steps, s.values, spec.scale, lines, findings, {height: 84, left: 40}));
     }
     this.root.replaceChildren(title, row);
     this.draw();

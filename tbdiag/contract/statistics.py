@@ -39,6 +39,10 @@ class Statistic:
     scale: str  # one of SCALES
     chart: str  # one of CHARTS
     key_column: int | None = None  # position among the layer table's key columns; None: not one of them
+    #: The statistic counting NaN/Inf in what this one is computed from (the layer's output, its
+    #: gradients, its weights).  Where that count is above 0, a NaN here is the value NaN; elsewhere NaN
+    #: means "not measured".  None: a NaN is always "not measured".
+    nonfinite_count: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,9 +53,9 @@ class Statistic:
 #: but keep this order: new statistics go at the end.
 STATISTICS: tuple[Statistic, ...] = (
     Statistic("act_mean", "mean of the layer's output over the batch",
-              "activation mean", "act mean", "linear", "with_finding"),
+              "activation mean", "act mean", "linear", "with_finding", nonfinite_count="act_nonfinite"),
     Statistic("act_std", "standard deviation of the layer's output over the batch",
-              "activation std", "act std", "log", "always", key_column=4),
+              "activation std", "act std", "log", "always", key_column=4, nonfinite_count="act_nonfinite"),
     Statistic("act_nonfinite", "count of NaN/Inf elements in the layer's output",
               "NaN/Inf in activations", "act NaN/Inf", "linear", "nonzero"),
     Statistic("dead_frac", "fraction of units (conv channels, linear features) a rectifier-like activation (ReLU, "
@@ -63,17 +67,20 @@ STATISTICS: tuple[Statistic, ...] = (
               "consumes the output",
               "saturated sigmoid/tanh outputs", "saturated", "fraction", "always", key_column=3),
     Statistic("grad_norm", "L2 norm of the gradients of the layer's own parameters",
-              "gradient L2 norm", "grad norm", "log", "never"),
+              "gradient L2 norm", "grad norm", "log", "never", nonfinite_count="grad_nonfinite"),
     Statistic("grad_rms", "grad_norm / sqrt(number of gradient elements)",
-              "gradient RMS", "grad RMS", "log", "always", key_column=0),
+              "gradient RMS", "grad RMS", "log", "always", key_column=0, nonfinite_count="grad_nonfinite"),
     Statistic("grad_nonfinite", "count of NaN/Inf gradient elements",
               "NaN/Inf in gradients", "grad NaN/Inf", "linear", "nonzero"),
     Statistic("weight_norm", "L2 norm of the layer's own parameters",
-              "weight L2 norm", "weight norm", "log", "with_finding"),
+              "weight L2 norm", "weight norm", "log", "with_finding", nonfinite_count="weight_nonfinite"),
     Statistic("weight_nonfinite", "count of NaN/Inf parameter elements",
               "NaN/Inf in weights", "weight NaN/Inf", "linear", "nonzero"),
-    Statistic("update_ratio", "||w_after - w_before|| / ||w_after|| over the optimizer step (needs optimizer=)",
-              "update / weight ratio", "update / weight", "log", "always", key_column=1),
+    Statistic("update_ratio", "||w_after - w_before|| / ||w_after|| over the optimizer step (needs optimizer=); "
+              "for a parameter over 65,536 elements the change is measured on a fixed strided sample of that "
+              "many and scaled (error under 1% on dense updates, docs/performance.md)",
+              "update / weight ratio", "update / weight", "log", "always", key_column=1,
+              nonfinite_count="weight_nonfinite"),
     Statistic("changed", "fraction of the layer's gradient-receiving parameter tensors that changed since the "
               "previous logging step",
               "parameters changed since last log", "changed", "fraction", "with_finding"),
