@@ -167,7 +167,13 @@ def test_hugging_face_model_called_with_keyword_arguments(tmp_path):
             opt.step()
 
     _train_watched_and_twin(tmp_path, model, twin, fit)
-    assert _accumulator(tmp_path).Tags()["graph"], "the traced graph was logged"
+    acc = _accumulator(tmp_path)
+    assert acc.Tags()["graph"], "the traced graph was logged"
+    from tensorboard.compat.proto import graph_pb2
+
+    graph = graph_pb2.GraphDef.FromString(acc.Graph().SerializeToString())
+    scopes = {node.name.split("/")[0] for node in graph.node}
+    assert scopes == {"input", "output", "BertForSequenceClassification"}, "the model's own name at the root"
     run = _run(tmp_path)
     assert run.steps.tolist() == [0, 2]
     own = dict(model.named_modules())

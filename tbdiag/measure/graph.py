@@ -143,8 +143,28 @@ def trace(model: nn.Module, args: tuple, kwargs: dict | None = None) -> tuple[gr
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if graph_def is not None:
             notes = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+            if module is bound:
+                _root_named_after(graph_def, f"{type(bound).__name__}/{type(model).__name__}[model]",
+                                  type(model).__name__)
             return graph_def, run_metadata, notes
     raise errors[-1]
+
+
+def _root_named_after(graph_def: graph_pb2.GraphDef, wrapper: str, name: str) -> None:
+    """Rename the scope ``wrapper`` (the internal `_BoundCall` around the user's model) to the model's own name,
+    in every node and every reference to one: the Graphs tab's root is the user's model."""
+    own = wrapper.split("/", 1)[0] + "/"  # the binding's own nodes, in the wrapper's scope
+
+    def renamed(text: str) -> str:
+        head = text[:1] if text.startswith("^") else ""  # a control input
+        body = text[len(head):]
+        if body.startswith(wrapper):
+            return head + name + body[len(wrapper):]
+        return head + name + "/" + body[len(own):] if body.startswith(own) else text
+
+    for node in graph_def.node:
+        node.name = renamed(node.name)
+        node.input[:] = [renamed(i) for i in node.input]
 
 
 def module_tree_graph(model: nn.Module) -> graph_pb2.GraphDef:
