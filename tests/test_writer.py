@@ -174,8 +174,8 @@ class _Boxed:
         self.value = value
 
 
-def test_untraceable_model_warns_and_training_goes_on(tmp_path):
-    model = DictOut()
+def _three_watched_steps(tmp_path, model, logits) -> list:
+    """Train ``model`` three logged steps (``logits(output)`` feeds the loss); the warnings it raised."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     writer = DiagnosticWriter(str(tmp_path))
     writer.watch(model, opt, log_every=1)
@@ -183,9 +183,14 @@ def test_untraceable_model_warns_and_training_goes_on(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            loss = F.cross_entropy(model(x).value, y)
+            loss = F.cross_entropy(logits(model(x)), y)
             opt.zero_grad(); loss.backward(); opt.step()
     writer.close()
+    return caught
+
+
+def test_untraceable_model_warns_and_training_goes_on(tmp_path):
+    caught = _three_watched_steps(tmp_path, DictOut(), lambda out: out.value)
     assert any("tbdiag" in str(w.message) and "module tree" in str(w.message) for w in caught)
     run = load_logdir(str(tmp_path))[0]
     assert list(run.steps) == [0, 1, 2] and run.layer_names == ["fc"]
@@ -317,17 +322,7 @@ class Branchy(nn.Module):
 
 
 def test_a_graph_traced_along_one_path_prints_nothing(tmp_path):
-    model = Branchy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    writer = DiagnosticWriter(str(tmp_path))
-    writer.watch(model, opt, log_every=1)
-    x, y = scenarios.teacher_data(8, (20,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(); loss.backward(); opt.step()
-    writer.close()
+    caught = _three_watched_steps(tmp_path, Branchy(), lambda out: out)
     assert [str(w.message) for w in caught] == []
     acc = ea.EventAccumulator(str(tmp_path))
     acc.Reload()
