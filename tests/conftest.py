@@ -10,6 +10,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import scenarios  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """The test trains on one CPU thread (`scenarios.one_thread`)."""
+    with scenarios.one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def scenario_logdir(tmp_path_factory):
     """Every sick and healthy scenario trained once, as runs under one logdir."""

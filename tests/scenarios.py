@@ -8,6 +8,7 @@ runs back with `tbdiag report`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -24,6 +25,18 @@ from seed_cnn import Net as SeedCNN  # noqa: E402  (examples/seed_cnn.py: the se
 from seed_cnn import synthetic_cifar  # noqa: E402
 
 from tbdiag import DiagnosticWriter  # noqa: E402
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Train on one CPU thread, then restore torch's setting: the tests are sized (and timed) for one, and the
+    CPU is shared with the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 LOG_EVERY = 5
 

@@ -170,3 +170,15 @@ def test_a_tensorflow_session_restart_is_read_by_tensorboards_loader(trained_cop
     runs = reader.load_logdir(str(trained_copy))  # falls back, and TensorBoard purges steps >= 10
     healthy = next(r for r in runs if r.name == "healthy")
     assert healthy.steps.max() < 10
+
+
+def test_an_undecodable_value_is_skipped_with_a_warning_by_either_loader():
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=2)])
+    broken = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=b"\x00" * 3)
+    good = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=b"\x00" * 8)
+    with pytest.warns(RuntimeWarning, match="skipped an undecodable value of run/tag at step 1"):
+        out = list(events.decoded("run", "tag", [(0, good), (1, broken), (2, 0.5)]))
+    assert [step for step, _ in out] == [0, 2]
+    assert out[1][1].dtype == np.float32 and float(out[1][1]) == 0.5

@@ -50,12 +50,7 @@ def like_an_accelerator(monkeypatch):
     monkeypatch.setattr(sentinel, "READ_FREE", frozenset())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ the counter itself

@@ -15,7 +15,6 @@ import time
 import warnings
 
 import pytest
-import torch
 
 import tbdiag
 
@@ -24,19 +23,10 @@ pytest.importorskip("accelerate")
 
 import recipes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # sized and timed for one CPU thread
 
 SERIOUS = ("warning", "error")
 TBDIAG_FAULTS = ("tbdiag stopped watching", "tbdiag could not write")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The recipes are sized for one CPU thread (and timed on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _describe(findings) -> str:

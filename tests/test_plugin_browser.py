@@ -397,15 +397,11 @@ SCREENSHOT_GPT2 = os.path.join(DOCS, "diagnostics-gpt2-dead-gelu.png")
 def _build_gpt2_logdir(root: str) -> None:
     """A GPT-2 (8 blocks, AdamW, warm-up + cosine) whose block 6 MLP is dead, and its healthy twin."""
     import recipes
-    import torch
+    import scenarios
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with scenarios.one_thread():
         recipes.gpt2_dead_mlp(os.path.join(root, "gpt2-dead-block6"), steps=120)
         recipes.gpt2(os.path.join(root, "gpt2-healthy"), steps=120)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_dead_gelu_block_is_in_the_banner_not_called_healthy(browser, tmp_path_factory):

@@ -43,12 +43,11 @@ MAGENTA = (255, 0, 255)
 def _build(root: str) -> None:
     """Six GPT-2 runs, 12 blocks, 60 steps logged every 5: ~15 s on one thread."""
     import recipes
+    import scenarios
     import torch
     import transformers
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with scenarios.one_thread():
         for name, lr in zip(HEALTHY_RUNS, (3e-4, 1e-3, 1e-2, 3e-2)):
             recipes.gpt2(os.path.join(root, name), steps=STEPS, log_every=LOG_EVERY, n_layer=N_LAYER, lr=lr)
         recipes.gpt2(os.path.join(root, DEAD_RUN), steps=STEPS, log_every=LOG_EVERY, n_layer=N_LAYER, lr=3e-3,
@@ -71,8 +70,6 @@ def _build(root: str) -> None:
             warnings.simplefilter("ignore", RuntimeWarning)
             recipes.train_loop(os.path.join(root, NAN_RUN), model, opt, recipes.warmup_cosine(opt, STEPS, 0),
                                loss_of, STEPS, LOG_EVERY)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

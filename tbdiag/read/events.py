@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2
@@ -52,16 +52,22 @@ class RunEvents:
     samples: dict[str, list] = field(default_factory=dict)
 
     def tensors(self, tag: str) -> Iterator[tuple[int, np.ndarray]]:
-        """``(step, value)`` of one tag, decoded; an undecodable value is skipped with a warning."""
-        for step, value in self.samples.get(tag, ()):
-            if isinstance(value, float):
-                yield step, np.asarray(value, dtype=np.float32)
-                continue
-            try:
-                yield step, tensor_util.make_ndarray(value)
-            except (ValueError, TypeError) as e:
-                warnings.warn(f"tbdiag: skipped an undecodable value of {self.name}/{tag} at step {step}: {e}",
-                              RuntimeWarning, stacklevel=2)
+        """``(step, value)`` of one tag, decoded (`decoded`)."""
+        return decoded(self.name, tag, self.samples.get(tag, ()))
+
+
+def decoded(run: str, tag: str, samples: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, np.ndarray]]:
+    """``(step, array)`` of ``(step, TensorProto or float)`` samples; an undecodable value is skipped with a
+    warning, whichever loader read it."""
+    for step, value in samples:
+        if isinstance(value, float):  # a simple_value, as TensorBoard migrates it: a float32 scalar
+            yield step, np.asarray(value, dtype=np.float32)
+            continue
+        try:
+            yield step, tensor_util.make_ndarray(value)
+        except (ValueError, TypeError) as e:
+            warnings.warn(f"tbdiag: skipped an undecodable value of {run}/{tag} at step {step}: {e}",
+                          RuntimeWarning, stacklevel=3)
 
 
 def run_files(logdir: str) -> dict[str, list[str]]:

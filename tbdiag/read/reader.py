@@ -18,7 +18,6 @@ from typing import Sequence
 import numpy as np
 from tensorboard.backend.event_processing import plugin_event_accumulator as pea
 from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
-from tensorboard.util import tensor_util
 
 from ..contract import evaluation, schema
 from ..contract.rundata import RunData, is_loss_tag
@@ -67,12 +66,7 @@ def _multiplexer(logdir: str) -> pem.EventMultiplexer:
 
 
 def _tensors(mux: pem.EventMultiplexer, run: str, tag: str):
-    for event in mux.Tensors(run, tag):
-        try:
-            yield event.step, tensor_util.make_ndarray(event.tensor_proto)
-        except (ValueError, TypeError) as e:
-            warnings.warn(f"tbdiag: skipped an undecodable value of {run}/{tag} at step {event.step}: {e}",
-                          RuntimeWarning, stacklevel=2)
+    return events.decoded(run, tag, ((event.step, event.tensor_proto) for event in mux.Tensors(run, tag)))
 
 
 def _checked_logdir(logdir: str) -> str:

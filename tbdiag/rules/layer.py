@@ -14,7 +14,7 @@ import numpy as np
 from ..contract import schema
 from ..contract.rundata import RunData
 from . import loop, update
-from .series import persistent, streaks
+from .series import needed, persistent, streaks
 from .table import Finding, Rule
 
 
@@ -82,7 +82,7 @@ def dead_relu(run: RunData, rule: Rule) -> list[Finding]:
     valid = np.isfinite(dead)
     out = []
     for i in range(dead.shape[1]):
-        need = max(1, min(rule.persistence, int(np.count_nonzero(valid[:, i]))))
+        need = needed(valid[:, i], rule.persistence)
         spans = [(a, b) for a, b in persistent(raw[:, i], valid[:, i], rule.persistence)
                  if confirmed[a + need - 1 : b, i].any()]
         if not spans:
@@ -127,7 +127,7 @@ def exploding_gradient(run: RunData, rule: Rule) -> list[Finding]:
     # far beyond the threshold, is.  NaN/Inf gradients are the nonfinite rule's, at once.
     valid = np.isfinite(rms)
     for i in range(mask.shape[1]):
-        need = max(1, min(rule.persistence, int(np.count_nonzero(valid[:, i]))))
+        need = needed(valid[:, i], rule.persistence)
         for a, b in streaks(mask[:, i]):
             if b - a < need and not extreme[a:b, i].any():
                 mask[a:b, i] = False

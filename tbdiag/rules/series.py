@@ -23,13 +23,15 @@ def streaks(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
 
 
-def persistent(mask: np.ndarray, valid: np.ndarray, persistence: int) -> list[tuple[int, int]]:
-    """Streaks long enough to count.
+def needed(valid: np.ndarray, persistence: int) -> int:
+    """How many agreeing steps a streak needs: the persistence, or every valid step of a run shorter than it
+    (so a short run that is sick from start to end is still diagnosed)."""
+    return max(1, min(persistence, int(np.count_nonzero(valid))))
 
-    A run shorter than the persistence counts when every valid step agrees,
-    so a short run that is sick from start to end is still diagnosed.
-    """
-    need = max(1, min(persistence, int(np.count_nonzero(valid))))
+
+def persistent(mask: np.ndarray, valid: np.ndarray, persistence: int) -> list[tuple[int, int]]:
+    """Streaks long enough to count (`needed`)."""
+    need = needed(valid, persistence)
     return [(a, b) for a, b in streaks(mask) if b - a >= need]
 
 
