@@ -34,6 +34,10 @@ Workloads (one thread, batch 64, synthetic data)
     resnet     a ResNet-20-style CIFAR ResNet (BatchNorm, ReLU(inplace=True)), 16/32/64
                channels, on 16x16 inputs (a quarter of CIFAR's compute per step, so that
                100-step blocks stay affordable): 0.27M parameters
+    gpt2       Hugging Face GPT-2, 6 blocks x 256, vocabulary 8,192, AdamW, 8 sequences of 128
+               tokens, causal-LM loss from labels: 6.9M parameters
+    llama      Hugging Face Llama (RMSNorm, SwiGLU, rotary, grouped-query attention), 6 blocks
+               x 256, the same vocabulary, optimizer and batches
 
 For tbdiag it also sets the cost of its logging step (as above: against the
 baseline's steps at the same positions, not against tbdiag's own other steps,
@@ -43,8 +47,9 @@ once) and against one pass over those and every leaf module's output (what the
 health statistics read, since they are never sampled), and counts the event bytes tbdiag writes per layer per logged step
 besides histograms and images.
 
-    python benchmarks/overhead.py            # the full run (about 15 minutes on 2 cores)
-    python benchmarks/overhead.py --quick    # smoke run, under a minute
+    python benchmarks/overhead.py --one-core  # the README's run: everything on one core
+    python benchmarks/overhead.py            # the same, free to use a spare core for background threads
+    python benchmarks/overhead.py --quick    # smoke run, a few minutes
 """
 
 from __future__ import annotations
@@ -131,6 +136,53 @@ class SmallResNet(nn.Module):
         return self.fc(x)
 
 
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """The transformer recipe's optimizer (its Adam state is part of what a watched step reads)."""
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+
+
+def _classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def _next_token(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Causal LM loss the way Hugging Face computes it from ``labels`` (shifted inside the model)."""
+    return model(input_ids=x, labels=x).loss
+
+
+VOCAB = 8192  # the transformer workloads' vocabulary: an LM head the size of the blocks, not a toy's
+SEQ = 128
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # config notes about token ids this synthetic vocabulary lacks
+    return transformers
+
+
+def gpt2_small() -> nn.Module:
+    """GPT-2, 6 blocks x 256 wide (Hugging Face's class, random init): 6.9M parameters with its tied head."""
+    transformers = _quiet_transformers()
+
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=256, n_layer=6, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama_small() -> nn.Module:
+    """Llama (RMSNorm, SwiGLU, rotary, grouped-query attention), 6 blocks x 256 wide, random init."""
+    transformers = _quiet_transformers()
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 @dataclass
 class Workload:
     name: str
@@ -138,12 +190,28 @@ class Workload:
     make: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     classes: int = 10
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] = _sgd
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = _classify
+    tokens: bool = False  # inputs are token ids in [0, classes), batch x input_shape
+    batch: int | None = None  # its own batch size (sequences); None: --batch
+
+    def sample(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One synthetic batch: (inputs, targets)."""
+        if self.tokens:
+            x = torch.randint(0, self.classes, (self.batch or batch, *self.input_shape), generator=gen)
+            return x, x
+        return (torch.randn((batch, *self.input_shape), generator=gen),
+                torch.randint(0, self.classes, (batch,), generator=gen))
 
 
 WORKLOADS = {
     "cnn": Workload("cnn", "seed CNN", lambda: Net(32, 64, 288, 128), (3, 32, 32)),
     "mlp": Workload("mlp", "26-layer MLP", deep_mlp, (256,)),
     "resnet": Workload("resnet", "ResNet-20 + BatchNorm", SmallResNet, (3, 16, 16)),
+    "gpt2": Workload("gpt2", "GPT-2 6x256, AdamW", gpt2_small, (SEQ,), classes=VOCAB, optimizer=_adamw,
+                     loss=_next_token, tokens=True, batch=8),
+    "llama": Workload("llama", "Llama 6x256, AdamW", llama_small, (SEQ,), classes=VOCAB, optimizer=_adamw,
+                      loss=_next_token, tokens=True, batch=8),
     # not in the default set: the main example's CNN at the tutorial's widths (62K parameters)
     "example": Workload("example", "seed CNN, tutorial widths", Net, (3, 32, 32)),
 }
@@ -172,7 +240,8 @@ class Config:
         self.model = workload.make()
         self.model.load_state_dict(state)
         self.model.train()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.opt = workload.optimizer(self.model)
+        self.loss_of = workload.loss
         self.data = data
         self.log_every = log_every
         self.step = 0
@@ -202,7 +271,7 @@ class Config:
         for _ in range(steps):
             x, y = self.data[self.step % len(self.data)]
             t0 = time.perf_counter()
-            loss = F.cross_entropy(self.model(x), y)
+            loss = self.loss_of(self.model, x, y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -486,7 +555,11 @@ def full_pass_ms(model: nn.Module, x: torch.Tensor) -> float:
     """
     outputs: list[torch.Tensor] = []
     leaves = [m for m in model.modules() if next(iter(m.children()), None) is None]
-    hooks = [m.register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone())) for m in leaves]
+    def keep(module: nn.Module, args: tuple, out) -> None:
+        if isinstance(out, torch.Tensor):
+            outputs.append(out.detach().clone())
+
+    hooks = [m.register_forward_hook(keep) for m in leaves]
     try:
         with torch.no_grad():
             model(x)
@@ -547,11 +620,7 @@ def run_workload(workload: Workload, log_every: int, args, configs: list[type[Co
     state = copy.deepcopy(proto.state_dict())
     n_params = sum(p.numel() for p in proto.parameters())
     gen = torch.Generator().manual_seed(1)
-    data = [
-        (torch.randn((args.batch, *workload.input_shape), generator=gen),
-         torch.randint(0, workload.classes, (args.batch,), generator=gen))
-        for _ in range(args.batches)
-    ]
+    data = [workload.sample(args.batch, gen) for _ in range(args.batches)]
     tmp = tempfile.mkdtemp(prefix=f"tbdiag-bench-{workload.name}-{log_every}-")
     os.environ["WANDB_DIR"] = tmp
     trainers = []
@@ -702,10 +771,30 @@ def _crc_status() -> str:
     return f"tbdiag record writer: {records.describe()}"
 
 
+def pin_to_one_core(cpu: int, argv: list[str] | None) -> None:
+    """Run this benchmark on one CPU, from its first instruction: re-executes itself pinned.
+
+    Pinning after start-up would leave threads that already exist (and their caches) elsewhere; an
+    affinity set before ``exec`` holds for every thread and child process the run will make, so a writer
+    thread or a logger's service process competes with the training loop for the same core, as it does on
+    a machine whose cores are all busy with training, data workers or other jobs.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    target = allowed[-1] if cpu < 0 else cpu
+    if allowed == [target]:
+        return
+    os.sched_setaffinity(0, {target})
+    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run (under a minute): fewer, shorter rounds")
-    p.add_argument("--workloads", default="cnn,mlp,resnet", help="comma-separated: cnn, mlp, resnet, example")
+    p.add_argument("--workloads", default="cnn,mlp,resnet,gpt2,llama",
+                   help="comma-separated: cnn, mlp, resnet, gpt2, llama, example")
+    p.add_argument("--one-core", nargs="?", type=int, const=-1, default=None, metavar="CPU",
+                   help="pin the whole process (its threads and child processes) to one CPU (default: the last "
+                        "one it may use), so that a writer thread's work is paid inside the step time")
     p.add_argument("--log-every", default="10,100", help="comma-separated log_every values")
     p.add_argument("--rounds", type=int, default=None, help="measured rounds per workload (default 5, quick 2)")
     p.add_argument("--block-seconds", type=float, default=None,
@@ -714,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8, help="distinct synthetic batches cycled through")
     p.add_argument("--batch", type=int, default=None, help=f"batch size (default {BATCH}, quick 16)")
     args = p.parse_args(argv)
+    if args.one_core is not None:
+        pin_to_one_core(args.one_core, argv)
     if args.quick:
         args.rounds = args.rounds or 2
         args.block_seconds = args.block_seconds or 0.2
@@ -731,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = [c.label for c in configs]
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPUs {sorted(os.sched_getaffinity(0))}, "
+          f"batch {args.batch}, "
           f"rounds {args.rounds}, block ~{args.block_seconds}s; {_crc_status()}", file=sys.stderr)
     results = []
     for log_every in [int(x) for x in args.log_every.split(",")]:

@@ -108,6 +108,7 @@ class DiagnosticWriter(SummaryWriter):
         example_input: Any = None,
         histograms: bool = True,
         activation_histograms: bool = True,
+        histograms_every: int | None = None,
         images_every: int | None = None,
         max_image_layers: int = 8,
         max_image_channels: int = 16,
@@ -132,6 +133,12 @@ class DiagnosticWriter(SummaryWriter):
             example_input: an input to trace the graph from right away.
             histograms: parameter, gradient and activation histograms.
             activation_histograms: activation histograms (needs ``histograms``).
+            histograms_every: steps between histograms; default
+                ``10 * log_every``.  The health statistics (what the rules
+                read) are logged every ``log_every`` steps; histograms are for
+                reading by eye and cost more than all the rest of a logging
+                step on a small model.  ``log_every`` logs them at every
+                logging step; 0 turns them off.
             images_every: steps between activation images of convolutional
                 layers; default ``10 * log_every``; 0 turns them off.
             max_image_layers, max_image_channels: bound the images' count and size.
@@ -184,7 +191,7 @@ class DiagnosticWriter(SummaryWriter):
         watcher = Watcher(
             self, model, optimizer, log_every,
             log_graph=log_graph, example_input=example_input, histograms=histograms,
-            activation_histograms=activation_histograms, images_every=images_every,
+            activation_histograms=activation_histograms, histograms_every=histograms_every, images_every=images_every,
             max_image_layers=max_image_layers, max_image_channels=max_image_channels, loss_tags=loss_tags,
             grad_scaler=grad_scaler, scalars=scalars, on_finding=on_finding, stop_on=stop_on,
         )

@@ -116,7 +116,7 @@ def _watched(tmp_path, loop, stop_on=(), case="mlp"):
         traced, where = count_syncs(graph_trace(loop))
     assert traced == 0 or case in TRACE_READS, f"the graph trace of {case} syncs {traced} times: {where}"
     writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(loop.model, loop.optimizer, log_every=LOG_EVERY, images_every=LOG_EVERY, stop_on=stop_on)
+    handle = writer.watch(loop.model, loop.optimizer, log_every=LOG_EVERY, images_every=LOG_EVERY, histograms_every=LOG_EVERY, stop_on=stop_on)
     return writer, handle, baseline, traced
 
 

@@ -164,7 +164,7 @@ def test_a_model_on_two_devices_is_measured_without_tripping_the_shield(tmp_path
     model = TwoDevices(CPU, META, detach=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(model, opt, log_every=1, log_graph=False)
+    handle = writer.watch(model, opt, log_every=1, log_graph=False, histograms_every=1)
     x, y = torch.randn(64, 32), torch.randint(0, 3, (64,), device=META)
     records = []
     with warnings.catch_warnings(record=True) as caught:
@@ -194,7 +194,7 @@ def test_a_cpu_logging_step_makes_no_tensor_from_python_data(tmp_path, monkeypat
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = _batches(monkeypatch)
     writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(model, opt, log_every=1, log_graph=False)
+    handle = writer.watch(model, opt, log_every=1, log_graph=False, histograms_every=1)
     x, y = torch.randn(64, 32), torch.randint(0, 3, (64,))
     for step in range(4):
         with DeviceWork() if step >= 2 else contextlib.nullcontext() as work:

@@ -73,7 +73,7 @@ def test_runs_with_evaluations_histograms_images_and_scalars_read_the_same(tmp_p
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     writer = DiagnosticWriter(str(tmp_path / "nested" / "run"))
-    writer.watch(model, opt, log_every=2, images_every=2)
+    writer.watch(model, opt, log_every=2, images_every=2, histograms_every=2)
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
     for step in range(8):
         out = model(x)

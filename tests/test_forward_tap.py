@@ -55,7 +55,7 @@ def test_untapped_relus_give_the_dead_units_their_own_outputs_show(tmp_path):
 
     model.shared.register_forward_hook(shared_hook)
     writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(model, opt, log_every=1, log_graph=False)  # (a trace would run the hooks above)
+    handle = writer.watch(model, opt, log_every=1, log_graph=False, histograms_every=1)  # (a trace would run the hooks above)
     g = torch.Generator().manual_seed(1)
     for _ in range(12):
         x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
@@ -113,7 +113,7 @@ def _train_mixed(tmp_path, steps: int, expected: dict | None = None, rewrite_at:
                  float(y.min()), float(y.max()), y.numel()))
         getattr(model, name).register_forward_hook(record, prepend=True)
     writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(model, opt, log_every=1, log_graph=False)
+    handle = writer.watch(model, opt, log_every=1, log_graph=False, histograms_every=1)
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         x, y = torch.randn(64, 1, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)

@@ -65,7 +65,7 @@ def test_watched_run_histograms_read_back_in_tensorboard(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(20, 300), torch.nn.ReLU(), torch.nn.Linear(300, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = DiagnosticWriter(str(tmp_path))
-    writer.watch(model, opt, log_every=2)
+    writer.watch(model, opt, log_every=2, histograms_every=2)
     for _ in range(3):
         loss = model(torch.randn(64, 20)).square().mean()
         opt.zero_grad()

@@ -140,7 +140,7 @@ def _watched(tmp_path, loop, reads: HostReads, stop_on=(), **kwargs):
         loop.step()
     assert reads.count() == 0, report(reads.reads)
     writer = DiagnosticWriter(str(tmp_path))
-    handle = writer.watch(loop.model, loop.optimizer, log_every=LOG_EVERY, images_every=LOG_EVERY, stop_on=stop_on,
+    handle = writer.watch(loop.model, loop.optimizer, log_every=LOG_EVERY, images_every=LOG_EVERY, histograms_every=LOG_EVERY, stop_on=stop_on,
                           **kwargs)
     return writer, handle
 

@@ -37,7 +37,7 @@ def _train(model, writer=None, optimizer=True, **watch_kwargs):
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if writer is not None:
-        writer.watch(model, opt if optimizer else None, log_every=2, images_every=2, **watch_kwargs)
+        writer.watch(model, opt if optimizer else None, log_every=2, images_every=2, histograms_every=2, **watch_kwargs)
     x_all, y_all = scenarios.teacher_data(64, (3, 32, 32))
     for step in range(STEPS):
         idx = torch.arange(step * 8, (step + 1) * 8) % len(x_all)

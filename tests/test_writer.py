@@ -25,7 +25,8 @@ def _train(model, writer=None, steps=12, log_every=5, optimizer=True, seed=0, ba
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if writer is not None:
-        writer.watch(model, opt if optimizer else None, log_every=log_every, images_every=log_every)
+        writer.watch(model, opt if optimizer else None, log_every=log_every, images_every=log_every,
+                     histograms_every=log_every)
     x_all, y_all = scenarios.teacher_data(64, x_shape)
     for step in range(steps):
         idx = torch.arange(step * batch, (step + 1) * batch) % len(x_all)
@@ -88,6 +89,28 @@ def test_event_files_hold_every_kind_of_summary(tmp_path):
     assert sum(h.bucket) == pytest.approx(6 * 3 * 5 * 5)
     # the global gradient norm is the norm over all parameters' gradients
     assert acc.Scalars("train/grad_norm")[0].value > 0
+
+
+def test_histograms_and_images_keep_their_own_cadence_and_the_health_table_every_logging_step(tmp_path):
+    """By default histograms and images come every 10th logging step; the health statistics at every one."""
+    torch.manual_seed(0)
+    model = scenarios.SeedCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=2)
+    x_all, y_all = scenarios.teacher_data(16, (3, 32, 32))
+    for _ in range(41):
+        loss = F.cross_entropy(model(x_all), y_all)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    writer.close()
+    acc = ea.EventAccumulator(str(tmp_path), size_guidance={ea.HISTOGRAMS: 0, ea.IMAGES: 0})
+    acc.Reload()
+    assert [e.step for e in acc.Histograms("grads/conv1.weight")] == [0, 20, 40]
+    assert [e.step for e in acc.Histograms("activations/conv1")] == [0, 20, 40]
+    assert [e.step for e in acc.Images("images/conv1")] == [0, 20, 40]
+    assert load_logdir(str(tmp_path))[0].steps.tolist() == list(range(0, 41, 2))
 
 
 def test_health_statistics_round_trip_through_tensorboard_loader(tmp_path):
@@ -262,6 +285,8 @@ def test_watch_rejects_bad_arguments_with_a_clear_message(tmp_path):
         writer.watch(nn.Linear(2, 2), optimizer=0.1)
     with pytest.raises(ValueError, match="images_every must be"):
         writer.watch(nn.Linear(2, 2), images_every=-1)
+    with pytest.raises(ValueError, match=r"histograms_every must be None, 0 \(no histograms\)"):
+        writer.watch(nn.Linear(2, 2), histograms_every=2.5)
     with pytest.raises(TypeError, match="grad_scaler must be a torch.amp.GradScaler"):
         writer.watch(nn.Linear(2, 2), grad_scaler=1024.0)
     model = nn.Linear(2, 2)

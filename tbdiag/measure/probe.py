@@ -298,9 +298,8 @@ class StepProbe:
             positions, before, scales = update
             after = [update_sample(params[k])[0] for k in positions]
             torch._foreach_sub_(before, after)  # (under no_grad: `StepRecorder.collect`)
-            if any(scale != 1.0 for scale in scales):
-                torch._foreach_mul_(before, scales)  # a sample's change, scaled to the whole tensor's
-            self.add("u_norm", positions, stats.norms(before, device))
+            # a sample's change, scaled to the whole tensor's
+            self.add("u_norm", positions, stats.norms(before, device, scales=scales))
         if self.options.param_histograms:
             for kind, tensors, keys in (("p_hist", params, list(range(len(params)))), ("g_hist", grads, with_grad)):
                 if tensors:

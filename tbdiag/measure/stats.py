@@ -249,15 +249,22 @@ def _saturated(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.abs() > 1 - 2 * SATURATION_MARGIN
 
 
-def norms(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+def norms(tensors: Sequence[torch.Tensor], device: torch.device | None = None,
+          scales: Sequence[float] | None = None) -> torch.Tensor:
     """L2 norm of each tensor, as one float32 vector on ``device`` (default: the first tensor's; one fused
-    kernel per device and dtype, the norms computed where their tensors are and gathered, `gather`)."""
+    kernel per device and dtype, the norms computed where their tensors are and gathered, `gather`).
+
+    ``scales``: one factor per tensor, applied to its norm (a sample's norm scaled to its whole tensor's)
+    rather than to its elements: the same result for a pass over a few numbers, not over the samples.
+    """
     if not tensors:
         return torch.zeros(0)
     # accumulated in float32 whatever the tensors' dtype (bfloat16/float16 models): a norm is a long sum;
     # no_grad rather than a detach per tensor (a dispatch each)
     with torch.no_grad():
         values = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+        if scales is not None and any(scale != 1.0 for scale in scales):
+            torch._foreach_mul_(values, list(scales))  # (Python scalars: kernel arguments, no host-to-device copy)
         return torch.stack(gather(values, tensors[0].device if device is None else device))
 
 

@@ -49,6 +49,12 @@ if TYPE_CHECKING:  # pragma: no cover
 #: sees an activation applied outside an activation module (F.relu in a forward), module hooks see them all.
 SPY_PROBE_EVERY = 10
 
+#: Histograms (and images) come every HISTOGRAMS_EVERY-th logging step by default: they are for people
+#: reading the Histograms and Distributions tabs, while the health statistics, which every rule reads, come
+#: at every logging step.  Binning and encoding every parameter, gradient and output is most of what a
+#: logging step costs on a small model (benchmarks/overhead.py), the same cadence as `wandb.watch`'s default.
+HISTOGRAMS_EVERY = 10
+
 #: Every model watched in this process, to refuse a second watch of the same model with a clear message.
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Watcher]" = weakref.WeakKeyDictionary()
 
@@ -61,11 +67,13 @@ _ITERATED_WHILE_CALLED = {
 }
 
 
-def _check_arguments(log_every: Any, images_every: Any, grad_scaler: Any) -> None:
+def _check_arguments(log_every: Any, images_every: Any, histograms_every: Any, grad_scaler: Any) -> None:
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every must be a positive integer (steps between logs), got {log_every!r}")
-    if images_every is not None and (not isinstance(images_every, int) or images_every < 0):
-        raise ValueError(f"images_every must be None, 0 (no images) or a positive integer, got {images_every!r}")
+    for name, every in (("images_every", images_every), ("histograms_every", histograms_every)):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            what = name.split("_")[0]
+            raise ValueError(f"{name} must be None, 0 (no {what}) or a positive integer, got {every!r}")
     if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
 
@@ -96,13 +104,14 @@ class Watcher:
 
     def __init__(self, writer: "DiagnosticWriter", model: nn.Module, optimizer: Any = None, log_every: int = 100, *,
                  log_graph: bool = True, example_input: Any = None, histograms: bool = True,
-                 activation_histograms: bool = True, images_every: int | None = None, max_image_layers: int = 8,
+                 activation_histograms: bool = True, histograms_every: int | None = None,
+                 images_every: int | None = None, max_image_layers: int = 8,
                  max_image_channels: int = 16, loss_tags: Sequence[str] | None = None, grad_scaler: Any = None,
                  scalars: bool = True, on_finding: Any = None, stop_on: Any = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module as model, got {type(model).__name__}")
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
-        _check_arguments(log_every, images_every, grad_scaler)
+        _check_arguments(log_every, images_every, histograms_every, grad_scaler)
         stop_on = live.check_arguments(on_finding, stop_on)
         self.writer, self.model, self.optimizer = writer, unwrap_model(model), optimizer
         other = _WATCHED.get(self.model)
@@ -114,7 +123,8 @@ class Watcher:
         self.rank = writer.rank  # None outside torch.distributed
         writes = self.rank is None or self.rank.writes  # what only rank 0 writes, only rank 0 measures
         self.log_graph = log_graph and writes
-        self.images_every = (10 * log_every if images_every is None else images_every) if writes else 0
+        self.images_every = (HISTOGRAMS_EVERY * log_every if images_every is None else images_every) if writes else 0
+        self.histograms_every = HISTOGRAMS_EVERY * log_every if histograms_every is None else histograms_every
         self.options = ProbeOptions(param_histograms=histograms and writes,
                                     activation_histograms=histograms and activation_histograms and writes,
                                     max_image_layers=max_image_layers, max_image_channels=max_image_channels)
@@ -280,7 +290,11 @@ class Watcher:
                 self._warn_once("meta", "meta tensors carry no values: no statistics are logged for this model")
                 return
             images = self.images_every > 0 and step % self.images_every == 0
-            self._probe = StepProbe(step, ProbeOptions(**{**vars(self.options), "images": images}))
+            histograms = self.histograms_every > 0 and step % self.histograms_every == 0
+            options = self.options
+            self._probe = StepProbe(step, ProbeOptions(
+                **{**vars(options), "images": images, "param_histograms": options.param_histograms and histograms,
+                   "activation_histograms": options.activation_histograms and histograms}))
             self._logged += 1
         if self._probe.step == step:
             spy_due = (self._logged - 1) % SPY_PROBE_EVERY == 0
