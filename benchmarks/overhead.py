@@ -24,7 +24,9 @@ Configurations
                add_histogram of every parameter and every gradient
     tbX        the same loop through tensorboardX
     wandb      wandb.watch(model, log="all", log_freq=N), offline, loss via wandb.log
-    tbdiag     DiagnosticWriter.watch(model, optimizer, log_every=N), default content
+    tbdiag     DiagnosticWriter.watch(model, optimizer, log_every=N), default content (health
+               statistics every N steps, histograms every 10 N)
+    tbdiag+h   the same with histograms_every=N: histograms as often as the peers log them
 
 Workloads (one thread, batch 64, synthetic data)
     cnn        the seed articles' CIFAR classifier CNN ("Training a Classifier":
@@ -445,6 +447,19 @@ class TbdiagWatch(Config):
         return len(self.handle.layers)
 
 
+class TbdiagEveryHistogram(TbdiagWatch):
+    """tbdiag with histograms at every logging step, the content the histogram peers log."""
+
+    label = "tbdiag+h"
+
+    def setup(self) -> None:
+        from tbdiag import DiagnosticWriter
+
+        self.writer = DiagnosticWriter(self.logdir)
+        self.handle = self.writer.watch(self.model, self.opt, log_every=self.log_every,
+                                        histograms_every=self.log_every)
+
+
 PEERS = {"tb": None, "tbX": "tensorboardX", "wandb": "wandb"}
 
 
@@ -453,7 +468,7 @@ def available_configs(only: list[str] | None) -> tuple[list[type[Config]], list[
 
     notes = []
     configs: list[type[Config]] = [Baseline, AA]
-    for cls in (SeedLoop, SeedLoopX, WandbWatch, TbdiagWatch):
+    for cls in (SeedLoop, SeedLoopX, WandbWatch, TbdiagWatch, TbdiagEveryHistogram):
         if only and cls.label not in only:
             continue
         module = PEERS.get(cls.label)
@@ -697,18 +712,22 @@ def fmt_pct(x: float) -> str:
     return f"{x * 100:+.1f}%"
 
 
+def _ours(labels: list[str]) -> list[str]:
+    """tbdiag's configurations (default content first), as columns after the peers'."""
+    return [label for label in labels if label.startswith("tbdiag")]
+
+
 def print_table(results: list[Result], labels: list[str], out=sys.stdout) -> None:
-    peers = [l for l in labels if l not in ("baseline", "A/A", "tbdiag")]
-    head = ["workload", "log_every", "step ms", "A/A"] + peers + (["tbdiag"] if "tbdiag" in labels else [])
+    ours = _ours(labels)
+    peers = [l for l in labels if l not in ("baseline", "A/A") and l not in ours]
+    head = ["workload", "log_every", "step ms", "A/A"] + peers + ours
     if "tbdiag" in labels:
         head += [f"tbdiag/{p}" for p in peers]
     rows = []
     for r in results:
-        row = [WORKLOADS[r.workload].title + f" ({r.params / 1e6:.2f}M)", str(r.log_every), f"{r.step_ms:.1f}",
-               f"{fmt_pct(r.overhead['A/A'])}"]
-        row += [fmt_pct(r.overhead[p]) for p in peers]
+        row = [WORKLOADS[r.workload].title + f" ({r.params / 1e6:.2f}M)", str(r.log_every), f"{r.step_ms:.1f}"]
+        row += [f"{fmt_pct(r.overhead[p])} ({r.spread[p] * 100:.1f})" for p in ["A/A"] + peers + ours]
         if "tbdiag" in labels:
-            row.append(fmt_pct(r.overhead["tbdiag"]))
             for p in peers:
                 peer = r.overhead[p]
                 row.append(f"{r.overhead['tbdiag'] / peer:.2f}" if peer > abs(r.overhead["A/A"]) else "n/a")
@@ -737,7 +756,7 @@ def print_costs(results: list[Result], labels: list[str], peers: list[str], out=
     One row per workload, log_every and part, the columns as in the overhead table, so that a logger that
     looks cheap on its logging step but moves the work to a thread shows it in the rows below.
     """
-    others = ["A/A"] + peers + (["tbdiag"] if "tbdiag" in labels else [])
+    others = ["A/A"] + peers + _ours(labels)
     head = ["workload", "log_every", "ms per logged step"] + others
     if "tbdiag" in labels:
         head += [f"tbdiag/{p}" for p in peers]
@@ -836,7 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, labels)
     aa = max(abs(r.overhead["A/A"]) for r in results)
     print(f"\nA/A noise floor (largest |A/A| above): {aa * 100:.1f}%. Overhead = median over {args.rounds} rounds of "
-          "block time / baseline block time - 1; a block is timed from its first step to the end of its drain "
+          "block time / baseline block time - 1, in brackets the interquartile range of that ratio over the rounds "
+          "(percentage points); "
+          "a block is timed from its first step to the end of its drain "
           "(writer flushed, wandb's service idle, garbage collected), nothing untimed between blocks. tbdiag/peer = ratio of overheads "
           "(n/a where the peer is within the A/A noise).")
     print("Per logged step, against the baseline's steps at the same positions: logging step = median of the "
