@@ -1,11 +1,13 @@
 """Distributed training under real ``torchrun`` (2 processes, gloo, CPU): one run, pooled statistics."""
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from tbdiag.read.reader import load_logdir
@@ -72,6 +74,30 @@ def test_per_rank_mode_writes_one_run_per_rank_with_local_statistics(runs):
     assert list(a.steps) == list(b.steps) == [0, 3, 6]
     assert not np.allclose(a.column("act_mean"), b.column("act_mean")), "each rank's own batch"
     np.testing.assert_allclose(a.column("grad_norm"), b.column("grad_norm"), rtol=1e-5)  # DDP-averaged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or not torch.distributed.is_nccl_available(), reason="needs two CUDA devices and NCCL")
+def test_data_parallel_over_nccl_pools_on_the_devices_with_no_sync_between_logging_steps(tmp_path, runs):
+    """Every rank on its own GPU: the same pooled statistics as one process, and the sync budget per step.
+
+    A step that is not logged makes no device-host sync on any rank (the pooling is an asynchronous
+    all_reduce on the devices); a logging step makes one, its single transfer, on the rank that writes, and
+    none on the others, which only join the collective.
+    """
+    logdir = str(tmp_path / "nccl")
+    _launch(logdir, "nccl")
+    (run,) = load_logdir(logdir)
+    single = runs[1]["single"]
+    assert list(run.steps) == [0, 3, 6] and run.layer_names == ["fc1", "fc2", "head"]
+    for col in POOLED:
+        np.testing.assert_allclose(run.column(col), single.column(col), rtol=1e-3, atol=1e-5, err_msg=col)
+    for rank in (0, 1):
+        with open(os.path.join(logdir, f"syncs-rank{rank}.json")) as f:
+            syncs = json.load(f)
+        logged = [step % 3 == 0 for step in range(len(syncs))]
+        budget = [(1 if rank == 0 else 0) if is_logged else 0 for is_logged in logged]
+        assert all(n <= b for n, b in zip(syncs, budget)), f"rank {rank}: syncs per step {syncs}, budget {budget}"
 
 
 def test_without_a_reachable_store_ranks_keep_their_own_numbers():
