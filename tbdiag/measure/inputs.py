@@ -86,8 +86,10 @@ def labels_and_mask(kwargs: Mapping[str, Any], encoder_decoder: bool) -> tuple[t
 def padding_share(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Share of the labelled positions (labels not `IGNORE_INDEX`) whose attention mask is 0; NaN with none
     labelled.  A float32 device scalar."""
+    if mask.device != labels.device:  # (a model split over devices; a copy between them, not to the host)
+        mask = mask.to(labels.device, non_blocking=True)
     labelled = labels != IGNORE_INDEX
-    padded = labelled & (mask.to(labels.device) == 0)
+    padded = labelled & (mask == 0)
     return padded.sum(dtype=torch.float32) / labelled.sum(dtype=torch.float32)
 
 
