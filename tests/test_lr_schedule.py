@@ -60,15 +60,15 @@ def test_healthy_schedules_are_silent(name):
 
 
 def test_a_schedule_at_zero_for_a_stretch_is_found():
-    linear_too_short = lambda s: min(s / 10, max(0.0, (500 - s) / 490))  # noqa: E731 - built for 500 of 1000
+    linear_too_short = lambda s: min(s / 10, max(0.0, (500 - s) / 490))  # built for 500 of 1000
     assert at_zero(logged(linear_too_short, 1000), RULE.persistence, RULE.params["zero_share"]) == [(50, 100)]
     assert at_zero(logged(lambda s: 0.0, 1000), RULE.persistence, RULE.params["zero_share"]) == [(0, 100)]
 
 
 def test_a_warm_up_stepped_per_epoch_is_found_and_one_stepped_per_step_is_not():
-    per_epoch = lambda s: min(1.0, (s // 50) / 500)  # noqa: E731 - 50 steps an epoch, 500-step warm-up
+    per_epoch = lambda s: min(1.0, (s // 50) / 500)  # 50 steps an epoch, 500-step warm-up
     assert below_configured(logged(per_epoch, 1000), PEAK, RULE.threshold, RULE.persistence) == [(0, 100)]
-    per_step = lambda s: min(1.0, s / 500)  # noqa: E731
+    per_step = lambda s: min(1.0, s / 500)
     assert below_configured(logged(per_step, 1000), PEAK, RULE.threshold, RULE.persistence) == []
     # without a scheduler there is no configured rate to fall short of
     assert below_configured(logged(per_epoch, 1000), float("nan"), RULE.threshold, RULE.persistence) == []

@@ -22,7 +22,8 @@ scalars, no host read: they ride in the logging step's one transfer):
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -40,9 +41,8 @@ def floating_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | Non
     """The model's first floating input: the first floating tensor among the positional arguments, else among
     the keyword arguments that are data (not `INPUT_SKIPPED`); None when the model reads only integers."""
     for a in args:
-        if isinstance(a, torch.Tensor):
-            if a.is_floating_point():
-                return a
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a
     for name, value in kwargs.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not any(
                 part in name.lower() for part in INPUT_SKIPPED):

@@ -85,4 +85,4 @@ def explain(findings: list[Finding], run: RunData) -> None:
             f.message += f" (follows from the input's scale: see input_scale since step {cause.first_step})"
 
 
-__all__ = ["INPUT_CONSEQUENCES", "input_rms", "normalises_its_input", "input_scale", "padding_in_loss", "explain"]
+__all__ = ["INPUT_CONSEQUENCES", "explain", "input_rms", "input_scale", "normalises_its_input", "padding_in_loss"]

@@ -136,4 +136,5 @@ def zero_gradient(run: RunData, finding: Finding) -> bool:
     return at < len(grads) and bool(grads[at] > 0)
 
 
-__all__ = ["no_gradient", "zero_gradient", "model_finding", "eval_mode_training", "stale_gradients", "softmax_output"]
+__all__ = ["no_gradient", "zero_gradient", "model_finding", "eval_mode_training", "stale_gradients",
+           "softmax_output"]

@@ -126,4 +126,4 @@ def explain(findings: list[Finding], run: RunData) -> None:
             f.message += f" (follows from the learning rate: see lr_schedule from step {cause.first_step})"
 
 
-__all__ = ["SCHEDULE_CONSEQUENCES", "at_zero", "below_configured", "lr_schedule", "explain"]
+__all__ = ["SCHEDULE_CONSEQUENCES", "at_zero", "below_configured", "explain", "lr_schedule"]
