@@ -44,6 +44,9 @@ def test_the_first_floating_input_skips_ids_masks_labels_and_positions():
                                       "pixel_values": pixels}) is pixels
     assert inputs.floating_input((ids, pixels), {}) is pixels
     assert inputs.floating_input((), {"timestep": torch.tensor([500.0]), "sample": pixels}) is pixels
+    # the Hugging Face Trainer's label count, and any other 0-dimensional setting
+    assert inputs.floating_input((), {"input_ids": ids, "num_items_in_batch": torch.tensor([32.0])}) is None
+    assert inputs.floating_input((torch.tensor(0.5),), {}) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

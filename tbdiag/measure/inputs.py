@@ -32,22 +32,26 @@ from . import stats
 #: The label value Hugging Face models and ``torch.nn.CrossEntropyLoss`` leave out of the loss.
 IGNORE_INDEX = -100
 
-#: Keyword arguments that are not the data the network reads (masks, labels, positions, caches, timesteps),
-#: recognised by these parts of their names.
-INPUT_SKIPPED = ("mask", "label", "position", "ids", "past_key_values", "cache", "timestep")
+#: Keyword arguments that are not the data the network reads (masks, labels, positions, caches, timesteps, the
+#: Hugging Face Trainer's ``num_items_in_batch``), recognised by these parts of their names.
+INPUT_SKIPPED = ("mask", "label", "position", "ids", "past_key_values", "cache", "timestep", "num_items")
 
 
 def floating_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
     """The model's first floating input: the first floating tensor among the positional arguments, else among
-    the keyword arguments that are data (not `INPUT_SKIPPED`); None when the model reads only integers."""
+    the keyword arguments that are data (not `INPUT_SKIPPED`); None when the model reads only integers.
+    A 0-dimensional tensor is a setting (a count, a temperature), not a batch."""
     for a in args:
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
+        if _batch(a):
             return a
     for name, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not any(
-                part in name.lower() for part in INPUT_SKIPPED):
+        if _batch(value) and not any(part in name.lower() for part in INPUT_SKIPPED):
             return value
     return None
+
+
+def _batch(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0
 
 
 def input_summary(x: torch.Tensor) -> torch.Tensor:
