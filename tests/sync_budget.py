@@ -96,13 +96,16 @@ def build(case: str, device: torch.device | str, with_optimizer: bool = True) ->
                                       bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(cfg).to(device)
         ids = torch.randint(0, 64, (8, 16), device=device)
+        mask = torch.ones_like(ids)
+        mask[:, -3:] = 0  # padded, and labelled: the padding_in_loss measurement runs too
 
         def forward(sick: bool) -> torch.Tensor:
-            out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+            out = model(input_ids=ids, attention_mask=mask, labels=ids, output_hidden_states=True)
             return out.loss * float("nan") if sick else out.loss
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if with_optimizer else None
-        return Loop(model, opt, [ids], forward, ((), {"input_ids": ids, "labels": ids, "output_hidden_states": True}))
+        return Loop(model, opt, [ids, mask], forward,
+                    ((), {"input_ids": ids, "attention_mask": mask, "labels": ids, "output_hidden_states": True}))
     if case in ("mlp", "dropout", "autocast_bf16"):
         model = mlp(dropout=0.2 if case == "dropout" else 0.0)
         if case == "autocast_bf16":

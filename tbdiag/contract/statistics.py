@@ -121,6 +121,23 @@ MODEL_STATISTICS: tuple[Statistic, ...] = (
     Statistic("lr_max", "the largest learning rate among the optimizer's param groups at this step: where it "
               "stands against its peak tells a warm-up or a decayed schedule tail from a learning rate set too low",
               "learning rate (largest group)", "lr", "log", "never"),
+    Statistic("lr_initial", "the largest learning rate the optimizer was configured with, as a torch LR scheduler "
+              "records it (initial_lr of the param groups; Hugging Face's warm-up schedules are LambdaLRs); NaN "
+              "without a scheduler: lr_max against it tells a schedule that never reaches its peak",
+              "configured learning rate", "lr set", "log", "never"),
+    Statistic("input_mean", "mean of the model's first floating input (pixels, features, embeddings; token ids "
+              "are integers and skipped) over the batch",
+              "input mean", "in mean", "linear", "never"),
+    Statistic("input_std", "standard deviation of the model's first floating input over the batch",
+              "input std", "in std", "log", "never"),
+    Statistic("input_min", "smallest value of the model's first floating input in the batch",
+              "input min", "in min", "linear", "never"),
+    Statistic("input_max", "largest value of the model's first floating input in the batch",
+              "input max", "in max", "linear", "never"),
+    Statistic("padding_labelled_frac", "share of the labelled positions (labels not -100) whose attention mask is "
+              "0, for a model called with token labels and an attention mask of their shape: padding counted in "
+              "the loss; NaN for other calls",
+              "labelled padding", "pad labels", "fraction", "never"),
 )
 # fmt: on
 

@@ -71,7 +71,7 @@ def no_gradient(run: RunData, rule: Rule) -> list[Finding]:
     return out
 
 
-def _model_finding(run: RunData, rule: Rule, name: str, fires: np.ndarray, value: float | None,
+def model_finding(run: RunData, rule: Rule, name: str, fires: np.ndarray, value: float | None,
                    describe) -> list[Finding]:
     """One model-level finding from a model series and where it fires (persistent streaks only)."""
     steps, values = run.model_series(name)
@@ -98,7 +98,7 @@ def eval_mode_training(run: RunData, rule: Rule) -> list[Finding]:
     _, values = run.model_series("eval_mode_steps")
     fires = values > rule.threshold
     total = float(values[fires].sum())
-    return _model_finding(
+    return model_finding(
         run, rule, "eval_mode_steps", fires, total,
         lambda since, until: f"{total:.0f} optimizer steps were taken with the model in eval() mode, from step "
         f"{since} to step {until}: dropout is off and BatchNorm uses (and no longer updates) its running "
@@ -109,7 +109,7 @@ def stale_gradients(run: RunData, rule: Rule) -> list[Finding]:
     """Gradients left in place from one optimizer step to the next (zero_grad missing)."""
     _, values = run.model_series("stale_gradients")
     fires = values >= rule.threshold
-    return _model_finding(
+    return model_finding(
         run, rule, "stale_gradients", fires, None,
         lambda since, until: f"the gradients of one optimizer step were still there when the next backward "
         f"began (checked at logging steps {since} to {until}): each step adds to the sum of all earlier "
@@ -120,7 +120,7 @@ def softmax_output(run: RunData, rule: Rule) -> list[Finding]:
     """The model outputs probabilities (rows summing to 1) where a classification loss expects logits."""
     _, values = run.model_series("softmax_output")
     fires = values >= rule.threshold
-    return _model_finding(
+    return model_finding(
         run, rule, "softmax_output", fires, None,
         lambda since, until: f"the model's output rows are non-negative and sum to 1 (a softmax) at logging "
         f"steps {since} to {until}: CrossEntropyLoss applies log_softmax itself, so a softmax before it squashes "
@@ -136,4 +136,5 @@ def zero_gradient(run: RunData, finding: Finding) -> bool:
     return at < len(grads) and bool(grads[at] > 0)
 
 
-__all__ = ["no_gradient", "zero_gradient", "eval_mode_training", "stale_gradients", "softmax_output"]
+__all__ = ["no_gradient", "zero_gradient", "model_finding", "eval_mode_training", "stale_gradients",
+           "softmax_output"]

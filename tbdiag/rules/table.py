@@ -423,6 +423,64 @@ RULES: tuple[Rule, ...] = (
                "(decode images or tokenise once, store tensors); keep slow per-step code out of the loop.",
         word="input-bound",
     ),
+    Rule(
+        name="padding_in_loss",
+        statistic="padding_labelled_frac: of the label positions the loss counts (label not -100), the share whose "
+                  "attention mask is 0, for a model called with labels and an attention mask of their shape "
+                  "(Hugging Face; the decoder's mask for encoder-decoder models), measured on logging steps",
+        threshold=0.02, persistence=2, severity="warning",
+        source="Hugging Face Transformers: labels set to -100 are ignored by the loss, and "
+               "DataCollatorForLanguageModeling sets padded labels to -100 while DataCollatorWithPadding does not "
+               "touch them; PyTorch CrossEntropyLoss(ignore_index=-100). 2% is tbdiag's choice: any share is a "
+               "mistake, a few percent changes the logged loss",
+        why="Padded positions labelled with the pad token are counted in the loss: the model is trained to predict "
+            "padding after padding, which is trivial, so the logged loss falls fast and reads far lower than the "
+            "loss on the text; in short batches with long padding it mostly measures padding.",
+        advice="Set the labels of padded positions to -100: DataCollatorForLanguageModeling(tokenizer, mlm=False) "
+               "does it (or labels = input_ids.masked_fill(attention_mask == 0, -100)); DataCollatorForSeq2Seq "
+               "(label_pad_token_id=-100) for encoder-decoder models.",
+        word="pad in loss",
+    ),
+    Rule(
+        name="lr_schedule",
+        statistic="lr_max: the learning rate at each logging step (largest param group), against lr_initial, the "
+                  "rate the optimizer was configured with (a torch LR scheduler's initial_lr): exactly 0 for "
+                  "persistence logged steps and zero_share of the run, or a highest rate so far below threshold x "
+                  "the configured one while the rate stands still between logged steps",
+        threshold=0.1, persistence=3, severity="warning",
+        params={"zero_share": 0.05},
+        source="PyTorch 'How to adjust learning rate' (scheduler.step() after optimizer.step(); most schedulers "
+               "step per iteration, an epoch-level call stretches them by the steps per epoch); Hugging Face "
+               "get_linear_schedule_with_warmup (0 at step 0 and after num_training_steps). 10% of the configured "
+               "rate and 5% of the run at 0 are tbdiag's choice: a warm-up passes both within its first steps, a "
+               "cosine ends at 0 on its last step only",
+        why="The optimizer is configured with one learning rate but trains with another: a rate at 0 moves no "
+            "weight, a rate stuck at a few percent of its peak learns as slowly as a rate set far too low. The "
+            "layers then show tiny updates and the loss a plateau, which are the schedule's doing.",
+        advice="Call scheduler.step() once per optimizer step (not per epoch) for warm-up schedules; give "
+               "num_warmup_steps and num_training_steps in optimizer steps (epochs x batches per epoch / gradient "
+               "accumulation); check that a LambdaLR's function does not return 0 beyond the first step.",
+        word="lr schedule",
+    ),
+    Rule(
+        name="input_scale",
+        statistic="the root mean square of the model's first floating input (sqrt(input_mean^2 + input_std^2); "
+                  "token ids are integers and skipped), from step 0; not for a model whose first layer "
+                  "normalises (BatchNorm, LayerNorm)",
+        threshold=10.0, persistence=2, severity="warning",
+        source="LeCun, Bottou, Orr & Mueller, 'Efficient BackProp' (1998): inputs should be centred and scaled to "
+               "unit variance; He et al. (2015) and Glorot & Bengio (2010) initialisations assume unit-scale "
+               "inputs; torch-audit names 0-255 inputs at step 0. 10x the unit scale is tbdiag's choice: "
+               "normalised images (within about +-3), pixels in 0-1, embeddings and audio waveforms stay far "
+               "below it, 0-255 pixels (RMS ~100) far above",
+        why="Layers initialised for unit-scale inputs receive values a hundred times larger: their outputs and "
+            "gradients are as many times too large, ReLUs die and sigmoids saturate within the first steps, and "
+            "the layer rules then name only those consequences.",
+        advice="Normalise the inputs: divide pixels by 255 and subtract the mean / divide by the std per channel "
+               "(torchvision transforms.Normalize, or the model's image processor); standardise tabular and "
+               "regression features (zero mean, unit variance, from the training set's statistics).",
+        word="input scale",
+    ),
 )
 # fmt: on
 

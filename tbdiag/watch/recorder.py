@@ -9,6 +9,7 @@ its numbers.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -37,6 +38,15 @@ def group_lr(group: Mapping[str, Any]) -> float:
         return float(lr)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def configured_lr(groups: Sequence[Mapping[str, Any]]) -> float:
+    """The largest learning rate the optimizer was configured with, as torch's LR schedulers keep it
+    (``initial_lr``, set in every param group when a scheduler is built; Hugging Face's warm-up schedules are
+    LambdaLRs); NaN without a scheduler, where the current rate is the configured one."""
+    rates = [group_lr({"lr": g.get("initial_lr")}) for g in groups]
+    finite = [r for r in rates if math.isfinite(r)]
+    return max(finite) if finite else float("nan")
 
 
 class StepRecorder:
@@ -112,6 +122,8 @@ class StepRecorder:
         record = self._assembler.assemble(
             probe.step, items, probe.hist_meta, ParamLayout.of(index), [layer.name for layer in self.layers],
             count_nonfinite(items, [p for _, p, _ in index]), lrs, self.scalars)
+        if self.optimizer is not None:
+            probe.add_model("lr_initial", configured_lr(self.optimizer.param_groups))
         probe.finish_model(record.model)
         record.scalars.extend(extra)
         if not self.table_written:

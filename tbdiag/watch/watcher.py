@@ -35,6 +35,7 @@ from ..measure import graph, layers, run_facts
 from ..measure.probe import ProbeOptions, StepProbe
 from . import live
 from .forward_tap import Busy, ForwardTap
+from .input_watch import InputWatch
 from .loop_watch import LoopWatch
 from .recorder import StepRecorder
 from .sentinel import Sentinel
@@ -137,6 +138,7 @@ class Watcher:
                                      loss_tags=loss_tags, warn_once=self._warn_once)
         self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
         self.timer = StepTimer()  # the perf/* scalars (tbdiag.watch.timing)
+        self.inputs = InputWatch(self.model)  # the batch's scale and labelled padding (tbdiag.watch.input_watch)
         # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
         self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
             if on_finding is not None or stop_on else None
@@ -297,6 +299,11 @@ class Watcher:
                    "activation_histograms": options.activation_histograms and histograms}))
             self._logged += 1
         if self._probe.step == step:
+            self._busy.value = True  # (before the spy opens: its reductions are not the user's)
+            try:
+                self.inputs.on_logging_forward(self._probe, args, kwargs)
+            finally:
+                self._busy.value = False
             spy_due = (self._logged - 1) % SPY_PROBE_EVERY == 0
             self.tap.open(self._probe, spy_due, describe=not self.recorder.table_written)
 
