@@ -423,6 +423,30 @@ RULES: tuple[Rule, ...] = (
                "(decode images or tokenise once, store tensors); keep slow per-step code out of the loop.",
         word="input-bound",
     ),
+    Rule(
+        name="epsilon_dominated",
+        statistic="eps_dominated_frac: under an Adam-family optimizer, the share of a layer's coordinates that "
+                  "received a gradient whose sqrt(v_hat) (bias-corrected exp_avg_sq; max_exp_avg_sq with amsgrad) "
+                  "is below the optimizer's eps, read from optimizer.state after the step (SGD, Adafactor, Adagrad "
+                  "and other optimizers: not measured); a stretch from the first logged step that ends before the "
+                  "last is a start-up transient (LayerScale, zero-initialised branches) and does not count",
+        threshold=0.5, persistence=3, severity="warning",
+        source="Wortsman et al. 2023, 'Small-scale proxies for large-scale Transformer training instabilities' "
+               "(once the gradient RMS falls to eps the AdamW update collapses; eps 1e-15 fixes it); OLMo 2 lowered "
+               "eps from 1e-5 to 1e-8 for the same reason; Molybog et al. 2023, 'A Theory on Adam Instability' "
+               "(gradients of the size of eps make Adam's update behave like SGD's); half of the coordinates is "
+               "tbdiag's choice: the layer, not a few stray coordinates (a key bias, whose gradient is ~0 by "
+               "construction), has stopped following its gradient",
+        why="Adam divides by sqrt(v_hat) + eps: while sqrt(v_hat) is far above eps the update follows the gradient "
+            "whatever its scale, but once the gradient falls to eps (tiny losses, loss scaled down, bf16-sized "
+            "gradients against a large eps, very large models) the update shrinks with the gradient and the layer "
+            "stalls, though nothing looks wrong with the learning rate.",
+        advice="Lower Adam's eps (1e-8 to 1e-15, or torch.optim's default 1e-8 if it was raised to 1e-6 or 1e-5); "
+               "check that the loss is not scaled down (a mean over far too many elements, a loss weight of "
+               "1e-6); keep the loss in float32 and unscale fp16 gradients before the step (GradScaler.unscale_).",
+        word="eps-dominated", reads=("eps_dominated_frac",),
+        lines=(ThresholdLine("eps_dominated_frac", "above", "epsilon_dominated"),),
+    ),
 )
 # fmt: on
 
