@@ -1,7 +1,7 @@
 """The evaluator: every rule of the table (`tbdiag.rules.table`) checked against a run, consequences explained.
 
 Each rule family has its own module (`layer`, `nonfinite`, `loop`, `loss`,
-`update`, `evaluation`, `throughput`, `optimizer_state`); this one maps each rule name to its
+`update`, `evaluation`, `throughput`, `optimizer_state`, `logits`); this one maps each rule name to its
 checker, runs them, lets each family demote the findings that follow from
 another one, and orders the result.  Pure: a `RunData` in, findings out.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..contract.rundata import RunData
-from . import evaluation, layer, loop, loss, nonfinite, optimizer_state, throughput, update
+from . import evaluation, layer, logits, loop, loss, nonfinite, optimizer_state, throughput, update
 from .table import RULES_BY_NAME, SEVERITY_RANK, Finding, resolve
 
 #: rule name -> its checker, ``(run, resolved rule) -> findings``
@@ -38,6 +38,7 @@ _EVALUATORS = {
     "neglected_class": evaluation.neglected_class,
     "input_bound": throughput.input_bound,
     "epsilon_dominated": optimizer_state.epsilon_dominated,
+    "logit_divergence": logits.logit_divergence,
 }
 assert set(_EVALUATORS) == set(RULES_BY_NAME), "every rule in the table needs an evaluator"
 

@@ -447,6 +447,30 @@ RULES: tuple[Rule, ...] = (
         word="eps-dominated", reads=("eps_dominated_frac",),
         lines=(ThresholdLine("eps_dominated_frac", "above", "epsilon_dominated"),),
     ),
+    Rule(
+        name="logit_divergence",
+        statistic="logz_mean, logz_max: log Z = logsumexp of the model's output logits over the class "
+                  "(vocabulary) dimension, mean and largest over the rows of the logging step's training forward "
+                  "(a language model's: a sample of at most 4,096 rows); fires when the mean lies more than "
+                  "threshold nats from its value at the first logged step, or the largest row more than `max` "
+                  "nats from its own (banner only: a model-level finding)",
+        threshold=30.0, persistence=2, severity="warning",
+        params={"max": 60.0},
+        source="Wortsman et al. 2023, 'Small-scale proxies for large-scale Transformer training instabilities' "
+               "(output logit divergence at high learning rates; z-loss removes it); PaLM (Chowdhery et al. 2022) "
+               "adds z-loss 1e-4 * log^2 Z; OLMo-core's z_loss_multiplier 1e-5. Thresholds calibrated on tbdiag's "
+               "healthy recipes (GPT-2, Llama, Mixtral, BERT MLM, ViT, Swin, ConvNeXt: log Z moves by at most 9 "
+               "nats over 720 steps, its largest row by 11) and a GPT-2 without its final LayerNorm at lr 0.1 "
+               "(the mean jumps by 56 nats, the largest row by 128, as the loss diverges); 30 nats from a start "
+               "near ln C puts log Z past 32, where bfloat16 logits are a quarter of a nat apart",
+        why="Cross-entropy does not change when every logit shifts by the same amount, so nothing in the loss "
+            "holds log Z: at a high learning rate the logits run away, the softmax saturates, low-precision "
+            "logits lose the differences between classes, and the loss spikes or diverges.",
+        advice="Add z-loss (PaLM: 1e-4 * logsumexp(logits)^2, averaged over tokens; OLMo-core z_loss_multiplier "
+               "1e-5); lower the (peak) learning rate or lengthen the warm-up; keep weight decay on the output "
+               "layer; qk-layernorm and a final normalisation before the output head; compute the loss in float32.",
+        word="log Z drift",
+    ),
 )
 # fmt: on
 
