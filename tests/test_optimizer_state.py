@@ -97,11 +97,13 @@ def test_amsgrad_reads_the_running_maximum():
 
 def test_a_step_counter_on_the_device_is_never_read():
     """capturable/fused keep ``step`` as a tensor where the parameters are: the bias correction is a tensor op."""
-    threshold = ostate.dominated_threshold({"eps": 1e-8, "betas": (0.9, 0.999)}, {"step": torch.tensor(10.0)})
+    threshold = ostate.dominated_threshold({"eps": 1e-8, "betas": (0.9, 0.999), "fused": True},
+                                           {"step": torch.tensor(10.0)})
     assert isinstance(threshold, torch.Tensor)
     assert float(threshold) == pytest.approx(1e-8 * math.sqrt(1 - 0.999 ** 10), rel=1e-5)
-    assert ostate.dominated_threshold({"eps": 1e-8, "betas": (0.9, 0.999)}, {"step": 10}) == \
-        pytest.approx(1e-8 * math.sqrt(1 - 0.999 ** 10))
+    for plain in (10, torch.tensor(10.0)):  # a plain Adam's step: a number, or a CPU tensor (a host value)
+        assert ostate.dominated_threshold({"eps": 1e-8, "betas": (0.9, 0.999)}, {"step": plain}) == \
+            pytest.approx(1e-8 * math.sqrt(1 - 0.999 ** 10))
     assert ostate.dominated_threshold({"eps": 1e-8, "betas": (0.9, 0.999)}, {}) is None  # not stepped yet
 
 

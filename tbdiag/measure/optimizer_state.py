@@ -55,7 +55,8 @@ def adam_eps(group: Mapping[str, Any]) -> float | None:
 
 def dominated_threshold(group: Mapping[str, Any], state: Mapping[str, Any]) -> "torch.Tensor | float | None":
     """``ε · √(1 - β₂^step)``: ``√v`` below it means ``√v̂ < ε``.  None when the group is not Adam-family or
-    the state holds no step yet.  A tensor step (capturable, fused) gives a 0-d tensor on its own device."""
+    the state holds no step yet.  The step of a fused or capturable optimizer lives where the parameters do: it
+    gives a 0-d tensor on that device (no host read); a plain optimizer's step is a CPU value, read as a float."""
     eps = adam_eps(group)
     if eps is None:
         return None
@@ -65,7 +66,10 @@ def dominated_threshold(group: Mapping[str, Any], state: Mapping[str, Any]) -> "
             return None
         beta2 = float(beta2)
     step = state.get("step", group.get("step"))
-    if isinstance(step, torch.Tensor):
+    if isinstance(step, torch.Tensor) and step.device.type == "cpu" and step.numel() == 1 and not (
+            group.get("fused") or group.get("capturable")):
+        step = float(step)  # a host value (torch keeps a plain Adam's step on the CPU whatever the device)
+    if isinstance(step, torch.Tensor):  # fused/capturable: where the parameters are, never read on the host
         with torch.no_grad():
             step = step.detach()
             return eps * torch.sqrt(1.0 - torch.pow(float(beta2), step if step.is_floating_point() else step.double()))
@@ -98,6 +102,12 @@ def _sample(t: torch.Tensor) -> tuple[torch.Tensor, float]:
     return view, t.numel() / max(1, view.numel())
 
 
+def _matches(v: torch.Tensor, grad: torch.Tensor | None) -> bool:
+    """Whether ``grad`` can be read element for element beside ``v`` (else ``v > 0`` says what counts)."""
+    return (grad is not None and grad.layout == torch.strided and grad.shape == v.shape
+            and grad.device == v.device and v.is_contiguous() == grad.is_contiguous())
+
+
 def dominated_counts(v: torch.Tensor, grad: torch.Tensor | None,
                      threshold: "torch.Tensor | float") -> torch.Tensor:
     """``[dominated, counted]`` (float32, on ``v``'s device): of the coordinates that received a gradient this
@@ -106,28 +116,51 @@ def dominated_counts(v: torch.Tensor, grad: torch.Tensor | None,
     Read on `_sample`'s elements and scaled to the whole tensor.  Pure: reads ``v`` and ``grad``, writes nothing.
     """
     with torch.no_grad():
-        match = (grad is not None and grad.layout == torch.strided and grad.shape == v.shape
-                 and grad.device == v.device and (v.is_contiguous() == grad.is_contiguous()))
         vs, scale = _sample(v.detach())
         root = vs.to(torch.float32, copy=True).sqrt_()
-        live = _sample(grad.detach())[0] != 0 if match else vs > 0
+        live = _sample(grad.detach())[0] != 0 if _matches(v, grad) else vs > 0
         dominated = (live & (root < threshold)).sum()
         counted = live.sum()
         return torch.stack([dominated, counted]).to(torch.float32) * scale
+
+
+def _counts_together(vs: list[torch.Tensor], lives: list[torch.Tensor], thresholds: list[float],
+                     scales: list[float]) -> list[torch.Tensor]:
+    """`dominated_counts` of many samples with thresholds known on the host, in a dozen fused ``_foreach`` ops
+    instead of a handful of kernels per parameter (the per-call overhead is most of the cost of small tensors).
+
+    ``min(floor(sqrt(v) / threshold), 1)`` is 0 where dominated and 1 elsewhere; ``|sign(live)|`` is 1 where
+    counted; their L1 norms count the coordinates kept and counted.
+    """
+    with torch.no_grad():
+        kept = torch._foreach_sqrt([v.to(torch.float32, copy=True) for v in vs])
+        torch._foreach_div_(kept, thresholds)
+        torch._foreach_floor_(kept)
+        torch._foreach_clamp_max_(kept, 1.0)
+        counted = [t.to(torch.float32, copy=True) for t in lives]
+        torch._foreach_abs_(counted)
+        torch._foreach_sign_(counted)
+        torch._foreach_mul_(kept, counted)
+        n_counted = torch._foreach_norm(counted, 1)
+        n_kept = torch._foreach_norm(kept, 1)
+        return [torch.stack([c - k, c]) * scale for c, k, scale in zip(n_counted, n_kept, scales)]
 
 
 def epsilon_counts(optimizer: Any, params: Sequence[tuple[int, torch.Tensor]]) -> tuple[list[int], torch.Tensor] | None:
     """``(positions, [k, 2] counts)``: `dominated_counts` of each parameter of ``params`` (``(position,
     parameter)``) that an Adam-family group of ``optimizer`` holds, with state; None when there is none.
 
-    The counts are gathered on the first one's device (a model spread over several devices).
+    Parameters whose step is a number or a host value are counted together (`_counts_together`); those with
+    a step on the device (capturable, fused) one by one.  The counts are gathered on the first one's device
+    (a model spread over several devices).
     """
     groups = getattr(optimizer, "param_groups", None)
     state = getattr(optimizer, "state", None)
     if not groups or state is None:
         return None
     group_of = {id(p): g for g in groups if adam_eps(g) is not None for p in g["params"]}
-    positions, counts = [], []
+    results: dict[int, torch.Tensor] = {}
+    together: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []  # position, v, live, threshold, scale
     for k, p in params:
         group = group_of.get(id(p))
         st = state.get(p) if group is not None else None
@@ -137,11 +170,21 @@ def epsilon_counts(optimizer: Any, params: Sequence[tuple[int, torch.Tensor]]) -
         threshold = dominated_threshold(group, st) if v is not None else None
         if v is None or threshold is None or v.numel() == 0:
             continue
-        grad = p.grad
-        counts.append(dominated_counts(v, local(grad) if grad is not None else None, threshold))
-        positions.append(k)
-    if not counts:
+        grad = local(p.grad) if p.grad is not None else None
+        if isinstance(threshold, torch.Tensor):
+            results[k] = dominated_counts(v, grad, threshold)
+            continue
+        vs, scale = _sample(v.detach())
+        live = _sample(grad.detach())[0] if _matches(v, grad) else vs
+        together.append((k, vs, live, threshold, scale))
+    if together:
+        counts = _counts_together([t[1] for t in together], [t[2] for t in together], [t[3] for t in together],
+                                  [t[4] for t in together])
+        results.update(zip((t[0] for t in together), counts))
+    if not results:
         return None
+    positions = sorted(results)
+    counts = [results[k] for k in positions]
     return positions, torch.stack(gather(counts, counts[0].device))
 
 
