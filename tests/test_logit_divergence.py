@@ -61,6 +61,20 @@ def test_a_high_learning_rate_drifts_log_z_and_is_named_where_the_loss_breaks(tm
     print(f"log Z named from step {f.first_step}; the loss peaks at step {worst_loss_step}")
     assert f.first_step <= worst_loss_step + LOG_EVERY
     assert max(losses[5:]) > losses[0], "the loss should break"
+    assert set(run.losses) == {"train/loss"}, "the log Z curves are not read as losses"
+
+
+def test_log_z_is_also_a_curve_in_the_scalars_tab(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(str(tmp_path), lr=3e-3)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    mean = [e.value for e in acc.Scalars("train/log_z/mean")]
+    top = [e.value for e in acc.Scalars("train/log_z/max")]
+    (run,) = load_logdir(str(tmp_path))
+    assert mean == pytest.approx(run.model_series("logz_mean")[1].tolist(), rel=1e-6)
+    assert len(top) == len(mean) == STEPS // LOG_EVERY and all(t >= m for t, m in zip(top, mean))
 
 
 def test_a_sane_learning_rate_stays_silent(tmp_path):

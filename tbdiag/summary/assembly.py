@@ -37,6 +37,9 @@ import numpy as np
 
 from ..contract import schema
 
+#: Model-level statistics also written as scalars, for a curve in TensorBoard's Scalars tab.
+LOG_Z_TAGS = {"logz_mean": "train/log_z/mean", "logz_max": "train/log_z/max"}
+
 #: Items keyed by one layer row, and by a list of rows (remapped when the rows are reordered).
 _ROW_KEYED = {"act", "dead", "sat", "image"}
 _ROWS_KEYED = {"a_hist"}
@@ -148,6 +151,8 @@ class Assembler:
                 record.scalars.append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[has_g] ** 2)))))
             # a group without a readable rate (relative-step Adafactor) gets no chart of NaNs
             record.scalars.extend((f"train/lr/group{gi}", lr) for gi, lr in enumerate(lrs) if math.isfinite(lr))
+            # the output's log Z as curves in the Scalars tab (the logit_divergence rule reads the model-level values)
+            record.scalars.extend((tag, record.model[name]) for name, tag in LOG_Z_TAGS.items() if name in record.model)
         return record
 
     def _layer_item(self, health: np.ndarray, kind: str, row: int, value: np.ndarray) -> None:
