@@ -43,6 +43,7 @@ MATRIX = [
     ("autocast_bf16", True, ()),
     ("hf_outputs", True, ()),
     ("hf_outputs", True, ("nonfinite",)),
+    ("adam_fused_amsgrad", True, ()),  # Adam's state read at logging steps; its step counter a tensor
 ]
 #: Cases whose graph trace reads values on the host by itself (see the module docstring).
 TRACE_READS = {"hf_outputs"}
@@ -106,7 +107,7 @@ def build(case: str, device: torch.device | str, with_optimizer: bool = True) ->
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if with_optimizer else None
         return Loop(model, opt, [ids, mask], forward,
                     ((), {"input_ids": ids, "attention_mask": mask, "labels": ids, "output_hidden_states": True}))
-    if case in ("mlp", "dropout", "autocast_bf16"):
+    if case in ("mlp", "dropout", "autocast_bf16", "adam_fused_amsgrad"):
         model = mlp(dropout=0.2 if case == "dropout" else 0.0)
         if case == "autocast_bf16":
             def autocast():
@@ -124,6 +125,8 @@ def build(case: str, device: torch.device | str, with_optimizer: bool = True) ->
             return F.cross_entropy(model(x * float("nan") if sick else x), y)
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if with_optimizer else None
+    if case == "adam_fused_amsgrad" and with_optimizer:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True, fused=True)
     return Loop(model, opt, [x, y], forward, ((x,), {}))
 
 

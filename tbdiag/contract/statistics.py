@@ -89,6 +89,13 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("dead_persist_frac", "fraction of units that fired neither in this batch nor in the two previous "
               "logged ones",
               "ReLU units dead for 3 logged batches", "dead 3 batches", "fraction", "never"),
+    Statistic("eps_dominated_frac", "under an Adam-family optimizer (Adam, AdamW, NAdam, RAdam; not SGD, Adafactor "
+              "or Adagrad), the share of the layer's coordinates that received a gradient this step whose "
+              "sqrt(v_hat) (bias-corrected exp_avg_sq, max_exp_avg_sq with amsgrad) is below the optimizer's eps: "
+              "there the update no longer follows the gradient (it shrinks with it); read from optimizer.state "
+              "after the step, on a fixed strided sample of 65,536 elements for larger parameters; NaN for other "
+              "optimizers",
+              "Adam updates dominated by eps", "eps-dominated", "fraction", "nonzero"),
 )
 # fmt: on
 
@@ -138,6 +145,13 @@ MODEL_STATISTICS: tuple[Statistic, ...] = (
               "0, for a model called with token labels and an attention mask of their shape: padding counted in "
               "the loss; NaN for other calls",
               "labelled padding", "pad labels", "fraction", "never"),
+    Statistic("logz_mean", "mean over the output's rows of log Z = logsumexp of the logits over the class "
+              "(vocabulary) dimension, at the logging step's training forward (the output softmax_output reads; "
+              "at most 4,096 rows, evenly spread, for a language model's logits): cross-entropy leaves it free, "
+              "so it drifts where nothing (z-loss, weight decay) holds it",
+              "output log Z (mean over rows)", "log Z", "linear", "never"),
+    Statistic("logz_max", "the largest log Z among the same rows",
+              "output log Z (largest row)", "log Z max", "linear", "never"),
 )
 # fmt: on
 

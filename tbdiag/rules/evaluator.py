@@ -1,7 +1,8 @@
 """The evaluator: every rule of the table (`tbdiag.rules.table`) checked against a run, consequences explained.
 
 Each rule family has its own module (`layer`, `nonfinite`, `loop`, `loss`,
-`update`, `evaluation`, `throughput`, `inputs`, `schedule`); this one maps each rule name to its
+`update`, `evaluation`, `throughput`, `inputs`, `schedule`, `optimizer_state`, `logits`); this one maps each
+rule name to its
 checker, runs them, lets each family demote the findings that follow from
 another one, and orders the result.  Pure: a `RunData` in, findings out.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..contract.rundata import RunData
-from . import evaluation, inputs, layer, loop, loss, nonfinite, schedule, throughput, update
+from . import evaluation, inputs, layer, logits, loop, loss, nonfinite, optimizer_state, schedule, throughput, update
 from .table import RULES_BY_NAME, SEVERITY_RANK, Finding, resolve
 
 #: rule name -> its checker, ``(run, resolved rule) -> findings``
@@ -40,6 +41,8 @@ _EVALUATORS = {
     "padding_in_loss": inputs.padding_in_loss,
     "lr_schedule": schedule.lr_schedule,
     "input_scale": inputs.input_scale,
+    "epsilon_dominated": optimizer_state.epsilon_dominated,
+    "logit_divergence": logits.logit_divergence,
 }
 assert set(_EVALUATORS) == set(RULES_BY_NAME), "every rule in the table needs an evaluator"
 
@@ -60,6 +63,7 @@ def evaluate(
     inputs.explain(findings, run)
     layer.explain(findings, run)
     update.explain(findings, run)
+    optimizer_state.explain(findings, run)
     loss.explain(findings, run)
     evaluation.explain(findings, run)
     order = {name: i for i, name in enumerate(run.layer_names)}

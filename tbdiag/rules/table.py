@@ -481,6 +481,54 @@ RULES: tuple[Rule, ...] = (
                "regression features (zero mean, unit variance, from the training set's statistics).",
         word="input scale",
     ),
+    Rule(
+        name="epsilon_dominated",
+        statistic="eps_dominated_frac: under an Adam-family optimizer, the share of a layer's coordinates that "
+                  "received a gradient whose sqrt(v_hat) (bias-corrected exp_avg_sq; max_exp_avg_sq with amsgrad) "
+                  "is below the optimizer's eps, read from optimizer.state after the step (SGD, Adafactor, Adagrad "
+                  "and other optimizers: not measured); a stretch from the first logged step that ends before the "
+                  "last is a start-up transient (LayerScale, zero-initialised branches) and does not count",
+        threshold=0.5, persistence=3, severity="warning",
+        source="Wortsman et al. 2023, 'Small-scale proxies for large-scale Transformer training instabilities' "
+               "(once the gradient RMS falls to eps the AdamW update collapses; eps 1e-15 fixes it); OLMo 2 lowered "
+               "eps from 1e-5 to 1e-8 for the same reason; Molybog et al. 2023, 'A Theory on Adam Instability' "
+               "(gradients of the size of eps make Adam's update behave like SGD's); half of the coordinates is "
+               "tbdiag's choice: the layer, not a few stray coordinates (a key bias, whose gradient is ~0 by "
+               "construction), has stopped following its gradient",
+        why="Adam divides by sqrt(v_hat) + eps: while sqrt(v_hat) is far above eps the update follows the gradient "
+            "whatever its scale, but once the gradient falls to eps (tiny losses, loss scaled down, bf16-sized "
+            "gradients against a large eps, very large models) the update shrinks with the gradient and the layer "
+            "stalls, though nothing looks wrong with the learning rate.",
+        advice="Lower Adam's eps (1e-8 to 1e-15, or torch.optim's default 1e-8 if it was raised to 1e-6 or 1e-5); "
+               "check that the loss is not scaled down (a mean over far too many elements, a loss weight of "
+               "1e-6); keep the loss in float32 and unscale fp16 gradients before the step (GradScaler.unscale_).",
+        word="eps-dominated", reads=("eps_dominated_frac",),
+        lines=(ThresholdLine("eps_dominated_frac", "above", "epsilon_dominated"),),
+    ),
+    Rule(
+        name="logit_divergence",
+        statistic="logz_mean, logz_max: log Z = logsumexp of the model's output logits over the class "
+                  "(vocabulary) dimension, mean and largest over the rows of the logging step's training forward "
+                  "(a language model's: a sample of at most 4,096 rows); fires when the mean lies more than "
+                  "threshold nats from its value at the first logged step, or the largest row more than `max` "
+                  "nats from its own (banner only: a model-level finding)",
+        threshold=30.0, persistence=2, severity="warning",
+        params={"max": 60.0},
+        source="Wortsman et al. 2023, 'Small-scale proxies for large-scale Transformer training instabilities' "
+               "(output logit divergence at high learning rates; z-loss removes it); PaLM (Chowdhery et al. 2022) "
+               "adds z-loss 1e-4 * log^2 Z; OLMo-core's z_loss_multiplier 1e-5. Thresholds calibrated on tbdiag's "
+               "healthy recipes (GPT-2, Llama, Mixtral, BERT MLM, ViT, Swin, ConvNeXt: log Z moves by at most 9 "
+               "nats over 720 steps, its largest row by 11) and a GPT-2 without its final LayerNorm at lr 0.1 "
+               "(the mean jumps by 56 nats, the largest row by 128, as the loss diverges); 30 nats from a start "
+               "near ln C puts log Z past 32, where bfloat16 logits are a quarter of a nat apart",
+        why="Cross-entropy does not change when every logit shifts by the same amount, so nothing in the loss "
+            "holds log Z: at a high learning rate the logits run away, the softmax saturates, low-precision "
+            "logits lose the differences between classes, and the loss spikes or diverges.",
+        advice="Add z-loss (PaLM: 1e-4 * logsumexp(logits)^2, averaged over tokens; OLMo-core z_loss_multiplier "
+               "1e-5); lower the (peak) learning rate or lengthen the warm-up; keep weight decay on the output "
+               "layer; qk-layernorm and a final normalisation before the output head; compute the loss in float32.",
+        word="log Z drift",
+    ),
 )
 # fmt: on
 

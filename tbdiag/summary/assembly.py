@@ -22,6 +22,8 @@ kind           key                  value
 ``a_hist``     layer rows           the same, of the layer outputs
 ``image``      layer row            ``[channels, h, w]`` feature maps in [0, 1]
 ``model``      statistic name       one model-level value (`schema.MODEL_COLUMNS`)
+``eps``        parameter positions  ``[k, 2]``: Adam coordinates with sqrt(v_hat) < eps, and
+                                    those counted (`tbdiag.measure.optimizer_state`)
 =============  ===================  =============================================
 """
 
@@ -34,6 +36,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..contract import schema
+
+#: Model-level statistics also written as scalars, for a curve in TensorBoard's Scalars tab.
+LOG_Z_TAGS = {"logz_mean": "train/log_z/mean", "logz_max": "train/log_z/max"}
 
 #: Items keyed by one layer row, and by a list of rows (remapped when the rows are reordered).
 _ROW_KEYED = {"act", "dead", "sat", "image"}
@@ -84,6 +89,18 @@ def remap_rows(items: list, old_to_new: Sequence[int]) -> list:
     return out
 
 
+def eps_dominated_rows(health: np.ndarray, params: ParamLayout, positions: Sequence[int], counts: np.ndarray) -> None:
+    """``eps_dominated_frac`` of each layer: its parameters' dominated coordinates over those counted (NaN where
+    no Adam-family state was read, or no coordinate received a gradient)."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, 2)
+    rows = params.rows[np.asarray(positions, dtype=np.intp)]
+    n = health.shape[0]
+    dominated = np.bincount(rows, weights=counts[:, 0], minlength=n)
+    counted = np.bincount(rows, weights=counts[:, 1], minlength=n)
+    has = counted > 0
+    health[has, schema.COLUMN_INDEX["eps_dominated_frac"]] = dominated[has] / counted[has]
+
+
 class Assembler:
     """Turns each logging step's items into a `StepRecord`; keeps what spans steps (weight norms, dead masks)."""
 
@@ -123,6 +140,8 @@ class Assembler:
                 record.images.append((f"images/{layer_names[key]}", value))
             elif kind == "model":
                 record.model[key] = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
+            elif kind == "eps":
+                eps_dominated_rows(health, params, key, value)
         g_norm, has_g = self._parameter_rows(health, params, norms, nonfinite)
         finite_lrs = [lr for lr in lrs if math.isfinite(lr)]
         if finite_lrs:
@@ -132,6 +151,8 @@ class Assembler:
                 record.scalars.append(("train/grad_norm", math.sqrt(float(np.sum(g_norm[has_g] ** 2)))))
             # a group without a readable rate (relative-step Adafactor) gets no chart of NaNs
             record.scalars.extend((f"train/lr/group{gi}", lr) for gi, lr in enumerate(lrs) if math.isfinite(lr))
+            # the output's log Z as curves in the Scalars tab (the logit_divergence rule reads the model-level values)
+            record.scalars.extend((tag, record.model[name]) for name, tag in LOG_Z_TAGS.items() if name in record.model)
         return record
 
     def _layer_item(self, health: np.ndarray, kind: str, row: int, value: np.ndarray) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..contract import schema
-from ..measure import distributed, layers, run_facts
+from ..measure import distributed, layers, optimizer_state, run_facts
 from ..measure.probe import StepProbe, WeightCopies, count_nonfinite, grad_scale, local, no_autocast
 from ..summary.assembly import Assembler, ParamLayout, StepRecord, remap_rows
 
@@ -96,6 +96,10 @@ class StepRecorder:
             # without an optimizer the gradients may still be scaled by a GradScaler: divided on the device
             unscale = grad_scale(self.grad_scaler, grads[0].device) if not update and grads else None
             probe.collect_params(params, grads, with_grad, taken if update else None, unscale)
+            if update and self.optimizer is not None:  # Adam's second moments against its eps, after the step
+                found = optimizer_state.epsilon_counts(self.optimizer, [(k, index[k][1]) for k in with_grad])
+                if found is not None:
+                    probe.add("eps", *found)
 
     def finish(self, probe: StepProbe, after_sync: Callable[[], list[tuple[str, float]]] | None = None) -> None:
         """Pool across ranks if due, one host transfer, assemble, and hand the record to the writer.

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..measure import graph, layers, run_facts
+from ..measure import graph, layers, logits, run_facts
 from ..measure.probe import ProbeOptions, StepProbe
 from . import live
 from .forward_tap import Busy, ForwardTap
@@ -319,6 +319,7 @@ class Watcher:
         self.sentinel.forward_ends(self.step, module, output)
         if module is self.model and self._probe is not None and self._probe.step == self.step:
             self.loop.on_model_output(output)
+            logits.record_log_z(self._probe, output)
         if self._probe is not None and not self.recorder.table_written:
             self.recorder.output_width = run_facts.output_width(output)
         if self.optimizer is None and self._is_training_forward():
