@@ -89,6 +89,18 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("dead_persist_frac", "fraction of units that fired neither in this batch nor in the two previous "
               "logged ones",
               "ReLU units dead for 3 logged batches", "dead 3 batches", "fraction", "never"),
+    Statistic("spike_grad_norm", "L2 norm of the layer's gradients at grad_spike_step, the step since the previous "
+              "logging step whose global gradient norm jumped most against the last 128 steps (any step, measured "
+              "before clipping); NaN before the tracker has history",
+              "gradient norm at the spike step", "spike grad", "log", "with_finding"),
+    Statistic("expert_top_share", "share of the tokens a mixture-of-experts router sends to its busiest expert "
+              "(among each token's top-k choices): top_k / num_experts when balanced, 1 when every token picks it "
+              "(OLMo-core's load imbalance, max / mean load, is this x num_experts / top_k); NaN for layers that "
+              "are not routers",
+              "busiest expert's share of tokens", "top expert", "fraction", "with_finding"),
+    Statistic("experts_idle_frac", "fraction of a router's experts that received no token in the batch; NaN for "
+              "layers that are not routers",
+              "experts with no tokens", "idle experts", "fraction", "with_finding"),
 )
 # fmt: on
 
@@ -121,6 +133,25 @@ MODEL_STATISTICS: tuple[Statistic, ...] = (
     Statistic("lr_max", "the largest learning rate among the optimizer's param groups at this step: where it "
               "stands against its peak tells a warm-up or a decayed schedule tail from a learning rate set too low",
               "learning rate (largest group)", "lr", "log", "never"),
+    Statistic("grad_spike_step", "the step (any step, not only logging steps) since the previous logging step whose "
+              "global gradient norm, taken before clipping, stood furthest above the last 128 steps' "
+              "(tbdiag.measure.gradient_spikes); NaN until 16 steps of history",
+              "largest gradient jump: step", "spike step", "linear", "never"),
+    Statistic("grad_spike_z", "that step's robust z-score: (norm - median) / (1.4826 x MAD) of the last 128 global "
+              "gradient norms",
+              "largest gradient jump: z-score", "spike z", "linear", "never"),
+    Statistic("grad_spike_ratio", "that step's global gradient norm over the median of the last 128",
+              "largest gradient jump: x median", "spike ratio", "log", "never"),
+    Statistic("grad_spike_loss_ratio", "the training loss at that step over the median of the last 128 steps' "
+              "losses, where the model's output carries its loss (Hugging Face .loss); NaN otherwise",
+              "loss at the gradient jump: x median", "spike loss", "log", "never"),
+    Statistic("massive_act_ratio", "the largest max|h| / median|h| over the outputs of the model's repeated blocks "
+              "(transformer layers; median from a fixed strided sample), at the logging step",
+              "massive activation: max / median |h|", "massive", "log", "never"),
+    Statistic("massive_act_max", "max|h| of that block's output", "massive activation: max |h|", "max |h|", "log",
+              "never"),
+    Statistic("massive_act_block", "position of that block among the repeated blocks (layer table extra 'blocks')",
+              "massive activation: block", "block", "linear", "never"),
 )
 # fmt: on
 

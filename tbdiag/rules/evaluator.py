@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..contract.rundata import RunData
-from . import evaluation, layer, loop, loss, nonfinite, throughput, update
+from . import evaluation, experts, layer, loop, loss, massive, nonfinite, spikes, throughput, update
 from .table import RULES_BY_NAME, SEVERITY_RANK, Finding, resolve
 
 #: rule name -> its checker, ``(run, resolved rule) -> findings``
@@ -37,6 +37,9 @@ _EVALUATORS = {
     "prediction_collapse": evaluation.prediction_collapse,
     "neglected_class": evaluation.neglected_class,
     "input_bound": throughput.input_bound,
+    "gradient_spike": spikes.gradient_spike,
+    "massive_activations": massive.massive_activations,
+    "expert_collapse": experts.expert_collapse,
 }
 assert set(_EVALUATORS) == set(RULES_BY_NAME), "every rule in the table needs an evaluator"
 

@@ -39,6 +39,7 @@ from .loop_watch import LoopWatch
 from .recorder import StepRecorder
 from .sentinel import Sentinel
 from .shield import Shield
+from .spike_watch import SpikeWatch
 from .timing import StepTimer
 from .wrappers import unwrap_model, unwrap_optimizer
 
@@ -127,6 +128,9 @@ class Watcher:
                                      loss_tags=loss_tags, warn_once=self._warn_once)
         self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
         self.timer = StepTimer()  # the perf/* scalars (tbdiag.watch.timing)
+        # the gradient norm of every step, its worst jump kept on the device (tbdiag.watch.spike_watch)
+        self.spikes = SpikeWatch(self.recorder.param_index, self.shield.guard, grad_scaler,
+                                 at_backward=optimizer is not None and self.rank is None)
         # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
         self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
             if on_finding is not None or stop_on else None
@@ -300,7 +304,10 @@ class Watcher:
             self.loop.on_model_output(output)
         if self._probe is not None and not self.recorder.table_written:
             self.recorder.output_width = run_facts.output_width(output)
-        if self.optimizer is None and self._is_training_forward():
+        training = self._is_training_forward()
+        if training:
+            self.spikes.on_output(output, _grad_tensor(output))
+        if self.optimizer is None and training:
             out = _grad_tensor(output)
             if out is not None:
                 out.register_hook(self._output_grad_hook)
@@ -368,6 +375,7 @@ class Watcher:
 
     def _end_step(self, update: bool) -> None:
         self.timer.step_ends()
+        self.spikes.on_step(self.step)
         probe = self._sentinel_probe(self._probe)
         if update:
             self.loop.on_optimizer_step()
@@ -377,6 +385,7 @@ class Watcher:
             try:
                 self.loop.report(probe)
                 self.recorder.collect(probe, update)
+                self.spikes.add_to(probe)
                 self.recorder.finish(probe, after_sync=self.timer.flush)
             finally:
                 self._busy.value = False
