@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from . import stats
 from .probe import StepProbe
 
 #: Global norms kept as the reference (OLMo-core's StabilityMonitorCallback: the last 128 values).
@@ -55,8 +56,9 @@ def robust_jump(history: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tenso
 class SpikeTracker:
     """Keeps, per window between logging steps, the step whose global gradient norm jumped most (module docstring)."""
 
-    def __init__(self, ring: int = RING, min_history: int = MIN_HISTORY):
-        self.ring_size, self.min_history = ring, min_history
+    def __init__(self, ring: int | None = None, min_history: int | None = None):
+        self.ring_size = RING if ring is None else ring
+        self.min_history = MIN_HISTORY if min_history is None else min_history
         self._ring: torch.Tensor | None = None  # [ring] global norms (NaN: empty); loss ring alongside
         self._loss_ring: torch.Tensor | None = None
         self._seen = 0  # steps written into the ring
@@ -77,7 +79,7 @@ class SpikeTracker:
         total = torch.where(torch.isfinite(total), total, math.nan)  # Inf/NaN is the sentinel's: not a reference
         loss_value = None
         if loss is not None and loss.numel() == 1 and loss.is_floating_point():
-            loss_value = loss.detach().reshape(()).to(device=device, dtype=torch.float32)
+            loss_value = stats.gather([loss.detach().reshape(()).float()], device)[0]
             loss_value = torch.where(torch.isfinite(loss_value), loss_value, math.nan)
         if self._seen >= self.min_history:
             self._judge(step, total, norms, positions, n_params, loss_value)

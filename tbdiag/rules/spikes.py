@@ -19,8 +19,14 @@ import warnings
 import numpy as np
 
 from ..contract import schema
-from ..contract.rundata import RunData
+from ..contract.rundata import RunData, is_validation_tag
 from .table import Finding, Rule
+
+#: The tracker's ring (`tbdiag.measure.gradient_spikes.RING`): a loss at the spike is judged against as many steps.
+RING = 128
+#: Where the loss at the spike is unknown, a logged loss that fell below this share of its level across the step
+#: is a model escaping a plateau (its gradient norm jumps while it learns), not damage.
+ESCAPE = 0.5
 
 #: The carriers named cover this share of the layers' summed growth of squared gradient norm ...
 CARRIED_SHARE = 0.8
@@ -59,6 +65,34 @@ def carriers(spike: np.ndarray, typical: np.ndarray) -> list[tuple[int, float]]:
     return out
 
 
+def _training_losses(run: RunData) -> list[tuple[np.ndarray, np.ndarray]]:
+    val_tags = run.table.extra.get("val_tags")
+    return [(np.asarray(steps), np.asarray(values, dtype=np.float64)) for tag, (steps, values) in
+            sorted(run.losses.items()) if len(values) and not is_validation_tag(tag, val_tags)]
+
+
+def logged_loss_ratio(losses: list[tuple[np.ndarray, np.ndarray]], step: int) -> float:
+    """The training loss logged at ``step`` over the median of those logged in the `RING` steps before; NaN when
+    no loss was logged at that step."""
+    for steps, values in losses:
+        here = np.flatnonzero(steps == step)
+        before = values[(steps < step) & (steps >= step - RING) & np.isfinite(values)]
+        if here.size and before.size and np.median(before) > 0:
+            return float(values[here[-1]] / np.median(before))
+    return math.nan
+
+
+def loss_fell_across(losses: list[tuple[np.ndarray, np.ndarray]], step: int, n: int = 5) -> bool:
+    """Whether the logged training loss fell to less than `ESCAPE` of its level across ``step`` (medians of ``n``
+    values each side): the model escaping a plateau, whose gradients jump too."""
+    for steps, values in losses:
+        ok = np.isfinite(values)
+        before, after = values[ok & (steps < step)][-n:], values[ok & (steps > step)][:n]
+        if before.size and after.size:
+            return bool(np.median(after) < ESCAPE * np.median(before))
+    return False
+
+
 def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
     """One finding per stretch of logging windows whose largest gradient jump passes the thresholds."""
     if run.stats.size == 0:
@@ -70,6 +104,16 @@ def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
     loss_ratio = _series(run, "grad_spike_loss_ratio", steps)
     with np.errstate(invalid="ignore"):
         hit = (z >= rule.threshold) & (ratio >= rule.params["ratio"]) & np.isfinite(at)
+    if not hit.any():
+        return []
+    losses = _training_losses(run)
+    for t in np.flatnonzero(hit):  # the loss at the step decides; where it is not known, the size and the curve
+        if not math.isfinite(loss_ratio[t]):
+            loss_ratio[t] = logged_loss_ratio(losses, int(at[t]))
+        if math.isfinite(loss_ratio[t]):
+            hit[t] = loss_ratio[t] >= rule.params["loss"]
+        else:
+            hit[t] = ratio[t] >= rule.params["alone"] and not loss_fell_across(losses, int(at[t]))
     if not hit.any():
         return []
     col = schema.COLUMN_INDEX
@@ -98,7 +142,7 @@ def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
                           for row, growth in carried)
         loss = f"; the loss at that step was {loss_ratio[worst]:.3g}x its median" \
             if math.isfinite(loss_ratio[worst]) else ""
-        more = f" (and in {end - t} following logging window{'s' if end > t else ''}, up to step {int(at[end])})" \
+        more = f" (and in {end - t} following logging window{'s' if end - t > 1 else ''}, up to step {int(at[end])})" \
             if end > t else ""
         message = (f"the global gradient norm jumped to {ratio[worst]:.3g}x the median of the last 128 steps at "
                    f"step {int(at[worst])} ({z[worst]:.3g} robust standard deviations){more}{loss}; "

@@ -429,14 +429,21 @@ RULES: tuple[Rule, ...] = (
                   "the step since each logging step that stood furthest above them, with every layer's gradient "
                   "norm at that step; fires when its robust z-score (median, MAD) is at least the threshold and "
                   "its norm at least ratio x the median. The layers that carried it: those whose own gradient "
-                  "norm there grew most over their logged median, most of the jump's squared norm",
+                  "norm there grew most over their logged median, most of the jump's squared norm. A jump is damage "
+                  "when the training loss at that step (the model output's .loss, or a loss scalar logged at "
+                  "that step) is at least 'loss' x its median of the 128 steps before; where the loss at that "
+                  "step is unknown, when the norm is at least 'alone' x the median and the logged loss did not "
+                  "fall across the step",
         threshold=6.0, persistence=1, severity="warning",
-        params={"ratio": 2.0},
+        params={"ratio": 2.0, "loss": 1.5, "alone": 10.0},
         source="OLMo-core's StabilityMonitorCallback (a spike is 6 standard deviations above the last 128 "
                "values); llm-foundry's loss-spike callback and ZClip (Kumar et al. 2025) judge a gradient norm "
                "against its moving mean (llm-foundry: 2x); SPAM (Huang et al. 2025) finds gradient spikes up to "
                "1000x typical, most often in LayerNorm parameters. Median and MAD instead of mean and standard "
-               "deviation: the first steps' transient and the spike itself barely move them",
+               "deviation: the first steps' transient and the spike itself barely move them. A model escaping a plateau "
+               "(BERT, Llama recipes) has its gradient norm jump 4-90x while its loss falls: the loss at the step "
+               "tells the two apart (1.5x, the 'loss' setting, is tbdiag's choice; 10x alone, where the loss is "
+               "unknown, too)",
         why="One bad batch or a numerical instability between logging steps throws the weights in one step "
             "(Adam's moments keep the shock for many more); the logging steps see only the aftermath. Knowing "
             "the exact step finds the batch, and the layers that carried it show where the model is fragile.",
@@ -472,12 +479,12 @@ RULES: tuple[Rule, ...] = (
         statistic="a mixture-of-experts router's top-k choices over a logged batch: at least the threshold of the "
                   "tokens on its busiest expert (expert_top_share; top_k / num_experts when balanced), or at "
                   "least 'idle' of its experts with no token (experts_idle_frac)",
-        threshold=0.75, persistence=3, severity="warning",
+        threshold=0.9, persistence=3, severity="warning",
         params={"idle": 0.25},
         source="Shazeer et al. (2017) and Switch Transformer (Fedus et al. 2021): without a load-balancing loss "
                "the router favours the experts that are already favoured and the others stop learning; ST-MoE "
                "(Zoph et al. 2022) adds the router z-loss; OLMo-core logs the load imbalance (max / mean load). "
-               "Three quarters of the tokens on one expert, or a quarter of the experts idle for three logged "
+               "Nine tenths of the tokens on one expert, or a quarter of the experts idle for three logged "
                "batches in a row, is tbdiag's choice",
         why="A collapsed router sends the tokens to a few experts: the others get no gradient, the model has "
             "the cost of all its experts and the capacity of a few.",

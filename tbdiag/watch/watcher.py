@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from ..measure import graph, layers, run_facts
 from ..measure.probe import ProbeOptions, StepProbe
 from . import live
+from .block_tap import BlockTap
 from .forward_tap import Busy, ForwardTap
 from .loop_watch import LoopWatch
 from .recorder import StepRecorder
@@ -124,6 +125,7 @@ class Watcher:
         self.layers: list[layers.Layer] = []
         self._busy = Busy()
         self.tap = ForwardTap(self.shield.guard, self._busy)
+        self.block_tap = BlockTap(self.shield.guard)  # repeated blocks and MoE routers (tbdiag.watch.block_tap)
         self.recorder = StepRecorder(writer, optimizer, log_every, grad_scaler=grad_scaler, scalars=scalars,
                                      loss_tags=loss_tags, warn_once=self._warn_once)
         self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
@@ -161,6 +163,8 @@ class Watcher:
     def _install(self, example_input: Any) -> None:
         guard = self.shield.guard
         self.layers = self.tap.layers = self.recorder.layers = layers.discover(self.model)  # one shared list
+        self.block_tap.discover(self.model, self.layers)
+        self.recorder.blocks = self.block_tap.block_names
         if self.optimizer is not None:
             self._check_optimizer()
         entry_pre, entry_post = guard("forward pre-hook", self._entry_pre), guard("forward hook", self._entry_post)
@@ -224,14 +228,14 @@ class Watcher:
         unsafe = set(_ITERATED_WHILE_CALLED.get(entry, ()))
         if self.tap.spy is not None:
             unsafe.add("post")  # the forward hook that pops the spy must still run
-        hooks = [*self._hooks, *self._entry_hooks, *self.tap.hooks]
+        hooks = [*self._hooks, *self._entry_hooks, *self.tap.hooks, *self.block_tap.hooks]
         keep = [(kind, h) for kind, h in hooks if kind in unsafe]
         if keep:  # the root's pre-hook sweeps again at the next forward, where every registry is safe
             keep += [(kind, h) for kind, h in hooks if h is self._root_pre_handle]
         for _, h in hooks:
             if all(h is not k for _, k in keep):
                 h.remove()
-        self._hooks, self._entry_hooks, self.tap.hooks = keep, [], []
+        self._hooks, self._entry_hooks, self.tap.hooks, self.block_tap.hooks = keep, [], [], []
         self._probe = self.tap.probe = None
         self.loop.remove()
         if _WATCHED.get(self.model) is self:
@@ -289,6 +293,7 @@ class Watcher:
         if self._probe.step == step:
             spy_due = (self._logged - 1) % SPY_PROBE_EVERY == 0
             self.tap.open(self._probe, spy_due, describe=not self.recorder.table_written)
+            self.block_tap.open(self._probe)
 
     def _entry_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         window = self._window
@@ -298,6 +303,7 @@ class Watcher:
             self._window_depth -= 1
             return None
         self.tap.close()
+        self.block_tap.close()
         self._window = None
         self.sentinel.forward_ends(self.step, module, output)
         if module is self.model and self._probe is not None and self._probe.step == self.step:
