@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contract import schema
 from ..contract.rundata import RunData
 from .series import persistent
 from .table import Finding, Rule
@@ -21,9 +20,8 @@ def expert_collapse(run: RunData, rule: Rule) -> list[Finding]:
     """One finding per router with a persistent collapse."""
     if run.stats.size == 0:
         return []
-    col = schema.COLUMN_INDEX
-    share = run.stats[:, :, col["expert_top_share"]].astype(np.float64)
-    idle = run.stats[:, :, col["experts_idle_frac"]].astype(np.float64)
+    share = run.column("expert_top_share").astype(np.float64)
+    idle = run.column("experts_idle_frac").astype(np.float64)
     valid = np.isfinite(share)
     with np.errstate(invalid="ignore"):
         sick = valid & ((share >= rule.threshold) | (idle >= rule.params["idle"]))

@@ -18,7 +18,6 @@ import warnings
 
 import numpy as np
 
-from ..contract import schema
 from ..contract.rundata import RunData, is_validation_tag
 from .table import Finding, Rule
 
@@ -97,6 +96,7 @@ def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
     """One finding per stretch of logging windows whose largest gradient jump passes the thresholds."""
     if run.stats.size == 0:
         return []
+    spike_norms, grad_norms = run.column("spike_grad_norm"), run.column("grad_norm")
     steps = run.steps
     z = _series(run, "grad_spike_z", steps)
     ratio = _series(run, "grad_spike_ratio", steps)
@@ -116,9 +116,6 @@ def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
             hit[t] = ratio[t] >= rule.params["alone"] and not loss_fell_across(losses, int(at[t]))
     if not hit.any():
         return []
-    col = schema.COLUMN_INDEX
-    spike_norms = run.stats[:, :, col["spike_grad_norm"]]
-    grad_norms = run.stats[:, :, col["grad_norm"]]
     names = run.layer_names
     findings: list[Finding] = []
     t = 0
