@@ -20,7 +20,7 @@ import tbdiag
 from tbdiag import DiagnosticWriter
 from tbdiag.measure.gradient_spikes import SpikeTracker, robust_jump
 from tbdiag.measure.probe import ProbeOptions, StepProbe
-from tbdiag.rules.spikes import carriers, logged_loss_ratio, loss_fell_across
+from tbdiag.rules.spikes import carriers, logged_loss_ratio, loss_fell_across, start_level
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,6 +87,7 @@ def test_the_logged_loss_tells_damage_from_a_plateau_escape():
     assert logged_loss_ratio([damage], 12) == pytest.approx(3.0)
     assert math.isnan(logged_loss_ratio([damage], 25))
     assert loss_fell_across([escape], 12) and not loss_fell_across([damage], 12)
+    assert start_level([damage]) == 2.0 and math.isnan(start_level([]))
 
 
 # ------------------------------------------------------------------ real training

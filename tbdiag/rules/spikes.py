@@ -81,6 +81,23 @@ def logged_loss_ratio(losses: list[tuple[np.ndarray, np.ndarray]], step: int) ->
     return math.nan
 
 
+def _logged_loss(losses: list[tuple[np.ndarray, np.ndarray]], step: int) -> float:
+    for steps, values in losses:
+        here = np.flatnonzero(steps == step)
+        if here.size:
+            return float(values[here[-1]])
+    return math.nan
+
+
+def start_level(losses: list[tuple[np.ndarray, np.ndarray]], n: int = 5) -> float:
+    """The training loss of the untrained model: the median of the first ``n`` logged values; NaN without one."""
+    for _, values in losses:
+        first = values[np.isfinite(values)][:n]
+        if first.size:
+            return float(np.median(first))
+    return math.nan
+
+
 def loss_fell_across(losses: list[tuple[np.ndarray, np.ndarray]], step: int, n: int = 5) -> bool:
     """Whether the logged training loss fell to less than `ESCAPE` of its level across ``step`` (medians of ``n``
     values each side): the model escaping a plateau, whose gradients jump too."""
@@ -107,11 +124,16 @@ def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
     if not hit.any():
         return []
     losses = _training_losses(run)
+    start = start_level(losses)
     for t in np.flatnonzero(hit):  # the loss at the step decides; where it is not known, the size and the curve
+        logged = logged_loss_ratio(losses, int(at[t]))
         if not math.isfinite(loss_ratio[t]):
-            loss_ratio[t] = logged_loss_ratio(losses, int(at[t]))
+            loss_ratio[t] = logged
         if math.isfinite(loss_ratio[t]):
             hit[t] = loss_ratio[t] >= rule.params["loss"]
+            value = _logged_loss(losses, int(at[t]))
+            if hit[t] and math.isfinite(start) and math.isfinite(value):
+                hit[t] = value >= rule.params["start"] * start  # worse than the untrained model
         else:
             hit[t] = ratio[t] >= rule.params["alone"] and not loss_fell_across(losses, int(at[t]))
     if not hit.any():

@@ -431,19 +431,22 @@ RULES: tuple[Rule, ...] = (
                   "its norm at least ratio x the median. The layers that carried it: those whose own gradient "
                   "norm there grew most over their logged median, most of the jump's squared norm. A jump is damage "
                   "when the training loss at that step (the model output's .loss, or a loss scalar logged at "
-                  "that step) is at least 'loss' x its median of the 128 steps before; where the loss at that "
+                  "that step) is at least 'loss' x its median of the 128 steps before and, where the loss curve "
+                  "is logged, at least 'start' x the untrained model's (its first values); where the loss at that "
                   "step is unknown, when the norm is at least 'alone' x the median and the logged loss did not "
                   "fall across the step",
         threshold=6.0, persistence=1, severity="warning",
-        params={"ratio": 2.0, "loss": 1.5, "alone": 10.0},
+        params={"ratio": 2.0, "loss": 1.5, "start": 1.5, "alone": 10.0},
         source="OLMo-core's StabilityMonitorCallback (a spike is 6 standard deviations above the last 128 "
                "values); llm-foundry's loss-spike callback and ZClip (Kumar et al. 2025) judge a gradient norm "
                "against its moving mean (llm-foundry: 2x); SPAM (Huang et al. 2025) finds gradient spikes up to "
                "1000x typical, most often in LayerNorm parameters. Median and MAD instead of mean and standard "
                "deviation: the first steps' transient and the spike itself barely move them. A model escaping a plateau "
-               "(BERT, Llama recipes) has its gradient norm jump 4-90x while its loss falls: the loss at the step "
-               "tells the two apart (1.5x, the 'loss' setting, is tbdiag's choice; 10x alone, where the loss is "
-               "unknown, too)",
+               "(BERT, Llama recipes) has its gradient norm jump 4-90x while its loss falls, and a classifier that "
+               "has nearly memorised its data has it jump 50-130x on its few hard batches (their loss still far "
+               "below an untrained model's): the loss at the step tells them from damage, a batch that scores "
+               "worse than the untrained model (1.5x the recent median, 1.5x the start level and, where the loss "
+               "is unknown, 10x alone are tbdiag's choices)",
         why="One bad batch or a numerical instability between logging steps throws the weights in one step "
             "(Adam's moments keep the shock for many more); the logging steps see only the aftermath. Knowing "
             "the exact step finds the batch, and the layers that carried it show where the model is fragile.",
