@@ -44,9 +44,10 @@ MATRIX = [
     ("hf_outputs", True, ()),
     ("hf_outputs", True, ("nonfinite",)),
     ("adam_fused_amsgrad", True, ()),  # Adam's state read at logging steps; its step counter a tensor
+    ("hf_moe", True, ()),
 ]
 #: Cases whose graph trace reads values on the host by itself (see the module docstring).
-TRACE_READS = {"hf_outputs"}
+TRACE_READS = {"hf_outputs", "hf_moe"}
 MATRIX_IDS = [f"{case}-{'opt' if opt else 'no_opt'}{'-stop_on' if stop else ''}" for case, opt, stop in MATRIX]
 
 #: A step's count, and what the counter saw (file:line of each sync) for the failure message.
@@ -107,6 +108,22 @@ def build(case: str, device: torch.device | str, with_optimizer: bool = True) ->
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if with_optimizer else None
         return Loop(model, opt, [ids, mask], forward,
                     ((), {"input_ids": ids, "attention_mask": mask, "labels": ids, "output_hidden_states": True}))
+    if case == "hf_moe":  # a mixture of experts: its routers' loads and its blocks' outliers are measured
+        import transformers
+
+        cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                         num_experts_per_tok=2, max_position_embeddings=32, bos_token_id=0,
+                                         eos_token_id=0, pad_token_id=None)
+        model = transformers.MixtralForCausalLM(cfg).to(device)
+        ids = torch.randint(0, 64, (8, 16), device=device)
+
+        def forward(sick: bool) -> torch.Tensor:
+            out = model(input_ids=ids, labels=ids)
+            return out.loss * float("nan") if sick else out.loss
+
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if with_optimizer else None
+        return Loop(model, opt, [ids], forward, ((), {"input_ids": ids, "labels": ids}))
     if case in ("mlp", "dropout", "autocast_bf16", "adam_fused_amsgrad"):
         model = mlp(dropout=0.2 if case == "dropout" else 0.0)
         if case == "autocast_bf16":

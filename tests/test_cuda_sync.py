@@ -144,7 +144,7 @@ def test_the_sleep_check_sees_a_sync():
 @pytest.mark.parametrize("case,with_optimizer,stop_on", MATRIX, ids=MATRIX_IDS)
 def test_zero_syncs_off_logging_steps_and_one_on_them(tmp_path, case, with_optimizer, stop_on):
     """From step 0 (graph, layer table) on, images at every logging step."""
-    if case == "hf_outputs":
+    if case in ("hf_outputs", "hf_moe"):
         pytest.importorskip("transformers")
     loop = build(case, "cuda", with_optimizer)
     writer, handle, baseline, traced = _watched(tmp_path, loop, stop_on, case)

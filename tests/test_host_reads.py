@@ -149,7 +149,7 @@ def _watched(tmp_path, loop, reads: HostReads, stop_on=(), **kwargs):
 def test_no_host_read_between_logging_steps_and_one_on_them(tmp_path, like_an_accelerator, case, with_optimizer,
                                                             stop_on):
     """From step 0 on: 0 host reads on a step that is not logged, 1 on a logging step (+1 a step with stop_on)."""
-    if case == "hf_outputs":
+    if case in ("hf_outputs", "hf_moe"):
         pytest.importorskip("transformers")
     loop = build(case, "cpu", with_optimizer)
     traced = _graph_reads(loop, case)
@@ -177,7 +177,7 @@ def test_a_nan_costs_no_read_until_the_logging_step(tmp_path, like_an_accelerato
 @pytest.mark.parametrize("case", ["mlp", "hf_outputs"])
 def test_on_a_cpu_the_sentinel_reads_once_per_step(tmp_path, case):
     """The CPU's own mode: the sentinel reads its check every step, once, whatever the number of outputs."""
-    if case == "hf_outputs":
+    if case in ("hf_outputs", "hf_moe"):
         pytest.importorskip("transformers")
     loop = build(case, "cpu")
     traced = _graph_reads(loop, case)
@@ -230,3 +230,31 @@ def test_a_sync_added_to_a_hook_fails_the_check(tmp_path, monkeypatch, like_an_a
     message = str(caught.value)
     assert message.startswith("syncs per step [2, 1, 1, 2, 1, 1, 2], budget [1, 0, 0, 1, 0, 0, 1]"), message
     assert site in message
+
+
+# ------------------------------------------------------------------ the gradient-spike tracker judges every step
+
+
+@pytest.mark.parametrize("case,with_optimizer", [("mlp", True), ("seed_cnn", False), ("autocast_bf16", True),
+                                                 ("hf_outputs", True), ("hf_moe", True)])
+def test_the_spike_tracker_judges_every_step_with_no_read_between_logging_steps(tmp_path, monkeypatch,
+                                                                                 like_an_accelerator, case,
+                                                                                 with_optimizer):
+    """Every step's gradient norm is judged against the ring from step 2 on (instead of 16), at no host read
+    between logging steps; the logging steps carry the window's largest jump (the test is not vacuous)."""
+    if case.startswith("hf_"):
+        pytest.importorskip("transformers")
+    from tbdiag.measure import gradient_spikes
+    from tbdiag.read.reader import load_logdir
+
+    monkeypatch.setattr(gradient_spikes, "MIN_HISTORY", 2)
+    loop = build(case, "cpu", with_optimizer)
+    traced = _graph_reads(loop, case)
+    with counting(loop) as reads:
+        writer, handle = _watched(tmp_path, loop, reads)
+        check_steps(loop, handle, counter(reads), 4 * LOG_EVERY + 1, graph=traced)
+        writer.close()
+    (run,) = load_logdir(str(tmp_path))
+    steps, at = run.model_series("grad_spike_step")
+    assert steps.tolist() == [LOG_EVERY, 2 * LOG_EVERY, 3 * LOG_EVERY, 4 * LOG_EVERY]
+    assert all(s - LOG_EVERY < a <= s for s, a in zip(steps, at)), at  # a step of the window just ended

@@ -96,6 +96,18 @@ STATISTICS: tuple[Statistic, ...] = (
               "after the step, on a fixed strided sample of 65,536 elements for larger parameters; NaN for other "
               "optimizers",
               "Adam updates dominated by eps", "eps-dominated", "fraction", "nonzero"),
+    Statistic("spike_grad_norm", "L2 norm of the layer's gradients at grad_spike_step, the step since the previous "
+              "logging step whose global gradient norm jumped most against the last 128 steps (any step, measured "
+              "before clipping); NaN before the tracker has history",
+              "gradient norm at the spike step", "spike grad", "log", "with_finding"),
+    Statistic("expert_top_share", "share of the tokens a mixture-of-experts router sends to its busiest expert "
+              "(among each token's top-k choices): top_k / num_experts when balanced, 1 when every token picks it "
+              "(OLMo-core's load imbalance, max / mean load, is this x num_experts / top_k); NaN for layers that "
+              "are not routers",
+              "busiest expert's share of tokens", "top expert", "fraction", "with_finding"),
+    Statistic("experts_idle_frac", "fraction of a router's experts that received no token in the batch; NaN for "
+              "layers that are not routers",
+              "experts with no tokens", "idle experts", "fraction", "with_finding"),
 )
 # fmt: on
 
@@ -152,6 +164,25 @@ MODEL_STATISTICS: tuple[Statistic, ...] = (
               "output log Z (mean over rows)", "log Z", "linear", "never"),
     Statistic("logz_max", "the largest log Z among the same rows",
               "output log Z (largest row)", "log Z max", "linear", "never"),
+    Statistic("grad_spike_step", "the step (any step, not only logging steps) since the previous logging step whose "
+              "global gradient norm, taken before clipping, stood furthest above the last 128 steps' "
+              "(tbdiag.measure.gradient_spikes); NaN until 16 steps of history",
+              "largest gradient jump: step", "spike step", "linear", "never"),
+    Statistic("grad_spike_z", "that step's robust z-score: (norm - median) / (1.4826 x MAD) of the last 128 global "
+              "gradient norms",
+              "largest gradient jump: z-score", "spike z", "linear", "never"),
+    Statistic("grad_spike_ratio", "that step's global gradient norm over the median of the last 128",
+              "largest gradient jump: x median", "spike ratio", "log", "never"),
+    Statistic("grad_spike_loss_ratio", "the training loss at that step over the median of the last 128 steps' "
+              "losses, where the model's output carries its loss (Hugging Face .loss); NaN otherwise",
+              "loss at the gradient jump: x median", "spike loss", "log", "never"),
+    Statistic("massive_act_ratio", "the largest max|h| / median|h| over the outputs of the model's repeated blocks "
+              "(transformer layers; median from a fixed strided sample), at the logging step",
+              "massive activation: max / median |h|", "massive", "log", "never"),
+    Statistic("massive_act_max", "max|h| of that block's output", "massive activation: max |h|", "max |h|", "log",
+              "never"),
+    Statistic("massive_act_block", "position of that block among the repeated blocks (layer table extra 'blocks')",
+              "massive activation: block", "block", "linear", "never"),
 )
 # fmt: on
 

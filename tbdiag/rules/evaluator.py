@@ -1,8 +1,8 @@
 """The evaluator: every rule of the table (`tbdiag.rules.table`) checked against a run, consequences explained.
 
 Each rule family has its own module (`layer`, `nonfinite`, `loop`, `loss`,
-`update`, `evaluation`, `throughput`, `inputs`, `schedule`, `optimizer_state`, `logits`); this one maps each
-rule name to its
+`update`, `evaluation`, `throughput`, `inputs`, `schedule`, `optimizer_state`,
+`logits`, `spikes`, `massive`, `experts`); this one maps each rule name to its
 checker, runs them, lets each family demote the findings that follow from
 another one, and orders the result.  Pure: a `RunData` in, findings out.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..contract.rundata import RunData
-from . import evaluation, inputs, layer, logits, loop, loss, nonfinite, optimizer_state, schedule, throughput, update
+from . import (evaluation, experts, inputs, layer, logits, loop, loss, massive, nonfinite, optimizer_state, schedule,
+               spikes, throughput, update)
 from .table import RULES_BY_NAME, SEVERITY_RANK, Finding, resolve
 
 #: rule name -> its checker, ``(run, resolved rule) -> findings``
@@ -43,6 +44,9 @@ _EVALUATORS = {
     "input_scale": inputs.input_scale,
     "epsilon_dominated": optimizer_state.epsilon_dominated,
     "logit_divergence": logits.logit_divergence,
+    "gradient_spike": spikes.gradient_spike,
+    "massive_activations": massive.massive_activations,
+    "expert_collapse": experts.expert_collapse,
 }
 assert set(_EVALUATORS) == set(RULES_BY_NAME), "every rule in the table needs an evaluator"
 

@@ -529,6 +529,79 @@ RULES: tuple[Rule, ...] = (
                "layer; qk-layernorm and a final normalisation before the output head; compute the loss in float32.",
         word="log Z drift",
     ),
+    Rule(
+        name="gradient_spike",
+        statistic="the global gradient norm of every step (taken before clipping) against the last 128 steps': "
+                  "the step since each logging step that stood furthest above them, with every layer's gradient "
+                  "norm at that step; fires when its robust z-score (median, MAD) is at least the threshold and "
+                  "its norm at least ratio x the median. The layers that carried it: those whose own gradient "
+                  "norm there grew most over their logged median, most of the jump's squared norm. A jump is damage "
+                  "when the training loss at that step (the model output's .loss, or a loss scalar logged at "
+                  "that step) is at least 'loss' x its median of the 128 steps before and, where the loss curve "
+                  "is logged, at least 'start' x the untrained model's (its first values); where the loss at that "
+                  "step is unknown, when the norm is at least 'alone' x the median and the logged loss did not "
+                  "fall across the step",
+        threshold=6.0, persistence=1, severity="warning",
+        params={"ratio": 2.0, "loss": 1.5, "start": 1.5, "alone": 10.0},
+        source="OLMo-core's StabilityMonitorCallback (a spike is 6 standard deviations above the last 128 "
+               "values); llm-foundry's loss-spike callback and ZClip (Kumar et al. 2025) judge a gradient norm "
+               "against its moving mean (llm-foundry: 2x); SPAM (Huang et al. 2025) finds gradient spikes up to "
+               "1000x typical, most often in LayerNorm parameters. Median and MAD instead of mean and standard "
+               "deviation: the first steps' transient and the spike itself barely move them. A model escaping a plateau "
+               "(BERT, Llama recipes) has its gradient norm jump 4-90x while its loss falls, and a classifier that "
+               "has nearly memorised its data has it jump 50-130x on its few hard batches (their loss still far "
+               "below an untrained model's): the loss at the step tells them from damage, a batch that scores "
+               "worse than the untrained model (1.5x the recent median, 1.5x the start level and, where the loss "
+               "is unknown, 10x alone are tbdiag's choices)",
+        why="One bad batch or a numerical instability between logging steps throws the weights in one step "
+            "(Adam's moments keep the shock for many more); the logging steps see only the aftermath. Knowing "
+            "the exact step finds the batch, and the layers that carried it show where the model is fragile.",
+        advice="Inspect the batch at that step (corrupt samples, wrong scale, shuffled labels); clip gradients "
+               "(clip_grad_norm_ at ~1.0) or skip steps whose norm jumps (ZClip, SPAM); lower the learning rate "
+               "or lengthen the warm-up; for spikes in normalisation layers, weight decay on their gains or QK "
+               "normalisation.",
+        word="grad spike", reads=("spike_grad_norm", "grad_norm"),
+    ),
+    Rule(
+        name="massive_activations",
+        statistic="massive_act_ratio: the largest max|h| / median|h| over the outputs of the model's repeated "
+                  "blocks (transformer layers), at logging steps; info at the threshold, a warning when it grew "
+                  "'growth' x from its first logged value while the training loss went up (a loss finding, or "
+                  "the loss at the end above its best by 'damage' x)",
+        threshold=100.0, persistence=3, severity="info",
+        params={"growth": 10.0, "damage": 0.5},
+        source="Sun et al. (2024), 'Massive Activations in Large Language Models': a few hidden-state values "
+               "above 100 and about 1,000-10,000x the median, in fixed dimensions of the residual stream after the "
+               "early layers, in healthy trained LLMs too (they act as biases for attention sinks); Bondarenko et "
+               "al. (2023) tie such outliers to attention heads that learn to 'do nothing', and to quantisation "
+               "error",
+        why="Massive activations are normal in trained language models, so alone they are information: they "
+            "explain outliers that break int8 quantisation and attention sinks. When they keep growing while the "
+            "loss gets worse, the residual stream is running away.",
+        advice="Usually nothing; for quantisation keep those dimensions in higher precision. If they grow with "
+               "the loss: lower the learning rate, add QK normalisation or an explicit attention bias (Sun et "
+               "al.), weight decay on the norm gains.",
+        word="massive",
+    ),
+    Rule(
+        name="expert_collapse",
+        statistic="a mixture-of-experts router's top-k choices over a logged batch: at least the threshold of the "
+                  "tokens on its busiest expert (expert_top_share; top_k / num_experts when balanced), or at "
+                  "least 'idle' of its experts with no token (experts_idle_frac)",
+        threshold=0.9, persistence=3, severity="warning",
+        params={"idle": 0.25},
+        source="Shazeer et al. (2017) and Switch Transformer (Fedus et al. 2021): without a load-balancing loss "
+               "the router favours the experts that are already favoured and the others stop learning; ST-MoE "
+               "(Zoph et al. 2022) adds the router z-loss; OLMo-core logs the load imbalance (max / mean load). "
+               "Nine tenths of the tokens on one expert, or a quarter of the experts idle for three logged "
+               "batches in a row, is tbdiag's choice",
+        why="A collapsed router sends the tokens to a few experts: the others get no gradient, the model has "
+            "the cost of all its experts and the capacity of a few.",
+        advice="Turn on the load-balancing auxiliary loss (Hugging Face: output_router_logits=True, "
+               "router_aux_loss_coef ~0.01-0.02) and the router z-loss; add router jitter noise; lower the "
+               "router's learning rate; check the router's initialisation (no large bias).",
+        word="experts", reads=("expert_top_share", "experts_idle_frac"),
+    ),
 )
 # fmt: on
 

@@ -16,6 +16,10 @@ kind           key                  value
 ``w_norm``     None (all params)    per-parameter weight norms
 ``g_norm``     parameter positions  per-parameter gradient norms
 ``u_norm``     parameter positions  per-parameter update norms
+``spike_g_norm`` parameter positions per-parameter gradient norms at the window's
+                                    largest gradient jump (`tbdiag.measure.gradient_spikes`)
+``experts``    layer row            ``[busiest expert's share of tokens, idle fraction]``
+                                    of a mixture-of-experts router
 ``p_hist``     parameter positions  concatenated histogram samples (CPU), or
                                     ``[tensors, 2 + bins]`` binned rows (accelerators)
 ``g_hist``     parameter positions  the same, of the gradients
@@ -41,7 +45,7 @@ from ..contract import schema
 LOG_Z_TAGS = {"logz_mean": "train/log_z/mean", "logz_max": "train/log_z/max"}
 
 #: Items keyed by one layer row, and by a list of rows (remapped when the rows are reordered).
-_ROW_KEYED = {"act", "dead", "sat", "image"}
+_ROW_KEYED = {"act", "dead", "sat", "image", "experts"}
 _ROWS_KEYED = {"a_hist"}
 
 
@@ -118,11 +122,11 @@ class Assembler:
         n, n_params = len(layer_names), len(params.tags)
         health = np.full((n, len(schema.COLUMNS)), np.nan, dtype=np.float32)
         record = StepRecord(step, health)
-        norms = {kind: np.full(n_params, np.nan) for kind in ("w_norm", "g_norm", "u_norm")}
+        norms = {kind: np.full(n_params, np.nan) for kind in ("w_norm", "g_norm", "u_norm", "spike_g_norm")}
         for (kind, key), value in items:
             if kind in norms:
                 norms[kind][slice(None) if key is None else key] = value
-            elif kind in ("act", "dead", "sat"):
+            elif kind in ("act", "dead", "sat", "experts"):
                 self._layer_item(health, kind, key, value)
             elif kind in ("p_hist", "g_hist", "a_hist"):
                 if kind == "a_hist":
@@ -159,6 +163,8 @@ class Assembler:
         col = schema.COLUMN_INDEX
         if kind == "act":
             health[row, col["act_mean"]], health[row, col["act_std"]], health[row, col["act_nonfinite"]] = value
+        elif kind == "experts":
+            health[row, col["expert_top_share"]], health[row, col["experts_idle_frac"]] = value
         elif kind == "dead":
             health[row, col["dead_frac"]], health[row, col["dead_persist_frac"]] = self.dead_fractions(row, value)
         else:
@@ -202,6 +208,9 @@ class Assembler:
         ch = per_layer(changed, has_g) / np.maximum(n_grads, 1.0)  # NaN where a comparison is missing
         done = got & np.isfinite(ch)
         health[done, col["changed"]] = ch[done]
+        spike = norms["spike_g_norm"]
+        if np.isfinite(spike).any():  # the layers' share of the window's largest gradient jump
+            health[got, col["spike_grad_norm"]] = np.sqrt(per_layer(np.nan_to_num(spike) ** 2))[got]
         upd = np.isfinite(u_norm)
         if upd.any():
             has_u = per_layer(upd.astype(np.float64)) > 0

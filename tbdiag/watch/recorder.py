@@ -61,6 +61,7 @@ class StepRecorder:
         self.table_written = False
         self._table_provisional = False  # a layer table in discovery order went out before any measured step
         self.output_width: int | None = None  # the model's class dimension, seen at the first logging forward
+        self.blocks: list[str] = []  # the repeated blocks' names (massive_act_block indexes them)
         self.rank = writer.rank  # None outside torch.distributed
         self._warn_once = warn_once
         self._params: list[tuple[int, nn.Parameter, str]] | None = None  # (row, parameter, tag), once not lazy
@@ -185,5 +186,6 @@ class StepRecorder:
             log_every=self.log_every,
             has_optimizer=self.optimizer is not None,
             extra={**({"loss_tags": list(self.loss_tags)} if self.loss_tags is not None else {}),
-                   **run_facts.facts(self.optimizer, self.output_width)},
+                   **run_facts.facts(self.optimizer, self.output_width),
+                   **({"blocks": self.blocks} if self.blocks else {})},
         ))

@@ -34,12 +34,14 @@ from torch.utils import _pytree as pytree
 from ..measure import graph, layers, logits, run_facts
 from ..measure.probe import ProbeOptions, StepProbe
 from . import live
+from .block_tap import BlockTap
 from .forward_tap import Busy, ForwardTap
 from .input_watch import InputWatch
 from .loop_watch import LoopWatch
 from .recorder import StepRecorder
 from .sentinel import Sentinel
 from .shield import Shield
+from .spike_watch import SpikeWatch
 from .timing import StepTimer
 from .wrappers import unwrap_model, unwrap_optimizer
 
@@ -134,11 +136,15 @@ class Watcher:
         self.layers: list[layers.Layer] = []
         self._busy = Busy()
         self.tap = ForwardTap(self.shield.guard, self._busy)
+        self.block_tap = BlockTap(self.shield.guard)  # repeated blocks and MoE routers (tbdiag.watch.block_tap)
         self.recorder = StepRecorder(writer, optimizer, log_every, grad_scaler=grad_scaler, scalars=scalars,
                                      loss_tags=loss_tags, warn_once=self._warn_once)
         self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
         self.timer = StepTimer()  # the perf/* scalars (tbdiag.watch.timing)
         self.inputs = InputWatch(self.model)  # the batch's scale and labelled padding (tbdiag.watch.input_watch)
+        # the gradient norm of every step, its worst jump kept on the device (tbdiag.watch.spike_watch)
+        self.spikes = SpikeWatch(self.recorder.param_index, self.shield.guard, grad_scaler,
+                                 at_backward=optimizer is not None and self.rank is None)
         # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
         self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
             if on_finding is not None or stop_on else None
@@ -169,6 +175,8 @@ class Watcher:
     def _install(self, example_input: Any) -> None:
         guard = self.shield.guard
         self.layers = self.tap.layers = self.recorder.layers = layers.discover(self.model)  # one shared list
+        self.block_tap.discover(self.model, self.layers)
+        self.recorder.blocks = self.block_tap.block_names
         if self.optimizer is not None:
             self._check_optimizer()
         entry_pre, entry_post = guard("forward pre-hook", self._entry_pre), guard("forward hook", self._entry_post)
@@ -232,14 +240,14 @@ class Watcher:
         unsafe = set(_ITERATED_WHILE_CALLED.get(entry, ()))
         if self.tap.spy is not None:
             unsafe.add("post")  # the forward hook that pops the spy must still run
-        hooks = [*self._hooks, *self._entry_hooks, *self.tap.hooks]
+        hooks = [*self._hooks, *self._entry_hooks, *self.tap.hooks, *self.block_tap.hooks]
         keep = [(kind, h) for kind, h in hooks if kind in unsafe]
         if keep:  # the root's pre-hook sweeps again at the next forward, where every registry is safe
             keep += [(kind, h) for kind, h in hooks if h is self._root_pre_handle]
         for _, h in hooks:
             if all(h is not k for _, k in keep):
                 h.remove()
-        self._hooks, self._entry_hooks, self.tap.hooks = keep, [], []
+        self._hooks, self._entry_hooks, self.tap.hooks, self.block_tap.hooks = keep, [], [], []
         self._probe = self.tap.probe = None
         self.loop.remove()
         if _WATCHED.get(self.model) is self:
@@ -306,6 +314,7 @@ class Watcher:
                 self._busy.value = False
             spy_due = (self._logged - 1) % SPY_PROBE_EVERY == 0
             self.tap.open(self._probe, spy_due, describe=not self.recorder.table_written)
+            self.block_tap.open(self._probe)
 
     def _entry_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         window = self._window
@@ -315,6 +324,7 @@ class Watcher:
             self._window_depth -= 1
             return None
         self.tap.close()
+        self.block_tap.close()
         self._window = None
         self.sentinel.forward_ends(self.step, module, output)
         if module is self.model and self._probe is not None and self._probe.step == self.step:
@@ -322,7 +332,10 @@ class Watcher:
             logits.record_log_z(self._probe, output)
         if self._probe is not None and not self.recorder.table_written:
             self.recorder.output_width = run_facts.output_width(output)
-        if self.optimizer is None and self._is_training_forward():
+        training = self._is_training_forward()
+        if training:
+            self.spikes.on_output(output, _grad_tensor(output))
+        if self.optimizer is None and training:
             out = _grad_tensor(output)
             if out is not None:
                 out.register_hook(self._output_grad_hook)
@@ -390,6 +403,7 @@ class Watcher:
 
     def _end_step(self, update: bool) -> None:
         self.timer.step_ends()
+        self.spikes.on_step(self.step)
         probe = self._sentinel_probe(self._probe)
         if update:
             self.loop.on_optimizer_step()
@@ -399,6 +413,7 @@ class Watcher:
             try:
                 self.loop.report(probe)
                 self.recorder.collect(probe, update)
+                self.spikes.add_to(probe)
                 self.recorder.finish(probe, after_sync=self.timer.flush)
             finally:
                 self._busy.value = False

@@ -1,0 +1,105 @@
+"""Every step's gradient norms for the spike tracker (`tbdiag.measure.gradient_spikes`), taken before any clipping.
+
+``clip_grad_norm_`` rewrites ``.grad`` in place between the backward and
+``optimizer.step()``: a spike is cut to the clip value before the optimizer's
+hooks see it.  So the norms are taken at the end of each training backward
+(an autograd callback queued by a hook on the model's output, as the watcher
+does without an optimizer), and handed to the tracker when the step ends;
+with gradient accumulation the last backward before the step counts.  They
+are taken at the step itself instead (after any clipping) where the end of
+the backward is not a safe or meaningful place:
+
+- in a distributed job, where DDP's all-reduce may still be writing the
+  gradients when our callback runs;
+- under float16 autocast with a GradScaler that ``watch`` was not given: the
+  gradients are still scaled there, and the scale's changes would read as
+  jumps (at the step they have been unscaled).
+
+Reads nothing on the host: norms, the tracker's comparison and its choice
+stay on the device until the logging step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..measure import stats
+from ..measure.gradient_spikes import SpikeTracker
+from ..measure.probe import StepProbe, grad_scale, local
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    """The loss a model's output carries (Hugging Face ``ModelOutput.loss``, a ``"loss"`` key), if any."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _float16_autocast() -> bool:
+    return any(torch.is_autocast_enabled(dt) and torch.get_autocast_dtype(dt) == torch.float16
+               for dt in ("cuda", "cpu"))
+
+
+class SpikeWatch:
+    """Feeds a `SpikeTracker` one step at a time; see the module docstring."""
+
+    def __init__(self, param_index: Callable[[], list], guard: Callable, grad_scaler: Any, at_backward: bool):
+        self.tracker = SpikeTracker()
+        self._param_index = param_index  # the recorder's (row, parameter, tag) list
+        self._grad_scaler = grad_scaler
+        # measure at the end of the backward (before clipping): with an optimizer, outside a distributed job; without
+        # one the step itself ends with the backward
+        self._at_backward = at_backward
+        self._pending: tuple[torch.Tensor, list[int]] | None = None  # the last backward's norms
+        self._loss: torch.Tensor | None = None  # the last training forward's loss, when its output carries one
+        self._queued = False
+        self._callback = guard("spike backward callback", self._after_backward)
+        self._hook = guard("spike gradient hook", self._on_output_grad)
+
+    def on_output(self, output: Any, grad_tensor: torch.Tensor | None) -> None:
+        """A training forward of the model ended: remember its loss; measure at the end of its backward."""
+        loss = _loss_of(output)
+        self._loss = loss.detach() if loss is not None else None
+        if self._at_backward and self._grad_scaler is None and _float16_autocast():
+            self._at_backward = False  # gradients scaled by a GradScaler we were not given: wait for the step
+        if self._at_backward and grad_tensor is not None:
+            grad_tensor.register_hook(self._hook)
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._callback)
+        return None
+
+    def _after_backward(self) -> None:
+        self._queued = False
+        self._pending = self._norms()
+
+    def _norms(self) -> tuple[torch.Tensor, list[int]] | None:
+        index = self._param_index()
+        positions = [k for k, (_, p, _) in enumerate(index) if p.grad is not None]
+        if not positions:
+            return None
+        grads = [local(index[k][1].grad) for k in positions]
+        norms = stats.norms(grads)
+        unscale = grad_scale(self._grad_scaler, norms.device)
+        return (norms / unscale if unscale is not None else norms), positions
+
+    def on_step(self, step: int) -> None:
+        """The step ended (optimizer step, or the backward without an optimizer): one observation."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            with torch.no_grad():
+                pending = self._norms()
+        loss, self._loss = self._loss, None
+        if pending is not None:
+            norms, positions = pending
+            with torch.no_grad():
+                self.tracker.observe(step, norms, positions, len(self._param_index()), loss)
+
+    def add_to(self, probe: StepProbe) -> None:
+        self.tracker.add_to(probe, list(range(len(self._param_index()))))
+
+
+__all__ = ["SpikeWatch"]

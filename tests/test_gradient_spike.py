@@ -1,0 +1,194 @@
+"""gradient_spike: a jump of the gradient norm at any step (not only logging steps), with the layers that carried it.
+
+The tracker (`tbdiag.measure.gradient_spikes`) is tested as a pure device-state
+function; the rule (`tbdiag.rules.spikes`) on real training: one bad batch
+between logging steps is named at its exact step, with clipping too (the norm
+is taken before it), without an optimizer, and on the layer it hit; the same
+runs without the bad batch stay silent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tbdiag
+from tbdiag import DiagnosticWriter
+from tbdiag.measure.gradient_spikes import SpikeTracker, robust_jump
+from tbdiag.measure.probe import ProbeOptions, StepProbe
+from tbdiag.rules.spikes import carriers, logged_loss_ratio, loss_fell_across, start_level
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BAD_AT = 57  # not a logging step (log_every=10)
+
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def test_robust_jump_is_median_and_mad():
+    history = torch.tensor([1.0, 1.1, 0.9, 1.0, float("nan"), 1.05, 0.95])
+    z, ratio = robust_jump(history, torch.tensor(3.0))
+    med = 1.0
+    mad = float(np.median(np.abs(np.array([1.0, 1.1, 0.9, 1.0, 1.05, 0.95]) - med)))
+    assert float(ratio) == pytest.approx(3.0)
+    assert float(z) == pytest.approx((3.0 - med) / (1.4826 * mad), rel=1e-4)
+
+
+def test_a_flat_history_does_not_make_every_wobble_infinite():
+    """A clipped run sits at the clip value (MAD 0): the spread floor keeps a 0.5% wobble under 1 unit."""
+    z, _ = robust_jump(torch.ones(64), torch.tensor(1.005))
+    assert 0 < float(z) < 1
+
+
+def _tracker_window(values, min_history=4):
+    tracker = SpikeTracker(ring=16, min_history=min_history)
+    for step, v in enumerate(values):
+        norms = torch.tensor([v * 0.6, v * 0.8])  # two parameters, global norm v
+        tracker.observe(step, norms, [0, 1], 2, loss=torch.tensor(2.0 + (step == 9)))
+    probe = StepProbe(len(values) - 1, ProbeOptions())
+    tracker.add_to(probe, [0, 1])
+    items = dict(((kind, str(key)), t) for (kind, key), t in zip(probe.layout, probe.parts))
+    return probe, items
+
+
+def test_the_tracker_keeps_the_steepest_jump_of_the_window_and_its_norms():
+    values = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 4.0, 1.0, 20.0, 1.1, 1.0]
+    probe, items = _tracker_window(values)
+    assert float(items[("model", "grad_spike_step")]) + probe.model_offsets["grad_spike_step"] == 9
+    assert float(items[("model", "grad_spike_ratio")]) == pytest.approx(20.0, rel=0.05)
+    assert float(items[("model", "grad_spike_loss_ratio")]) == pytest.approx(1.5)
+    assert items[("spike_g_norm", "[0, 1]")].tolist() == pytest.approx([12.0, 16.0])
+
+
+def test_the_first_steps_are_not_judged():
+    """Before `min_history` steps nothing is kept: the initial transient has no history to jump from."""
+    probe, items = _tracker_window([5.0, 1.0, 1.0], min_history=4)
+    assert items == {}
+
+
+def test_carriers_are_the_layers_whose_squared_norm_grew_most():
+    spike = np.array([1.0, 20.0, 2.0, 15.0])
+    typical = np.array([1.0, 1.0, 1.0, np.nan])
+    rows = carriers(spike, typical)
+    assert [r for r, _ in rows] == [1, 3]  # 399 + 225 of 627: 80% covered after two, not after one
+    assert rows[0][1] == pytest.approx(20.0) and math.isinf(rows[1][1])
+    assert [r for r, _ in carriers(np.array([1.0, 30.0, 2.0, 10.0]), typical)] == [1]  # 899 of 1002: one is enough
+
+
+def test_the_logged_loss_tells_damage_from_a_plateau_escape():
+    steps = np.arange(20)
+    damage = (steps, np.where(steps == 12, 6.0, 2.0))
+    escape = (steps, np.where(steps < 12, 2.0, 0.5))  # a plateau left: a quarter of the loss
+    assert logged_loss_ratio([damage], 12) == pytest.approx(3.0)
+    assert math.isnan(logged_loss_ratio([damage], 25))
+    assert loss_fell_across([escape], 12) and not loss_fell_across([damage], 12)
+    assert start_level([damage]) == 2.0 and math.isnan(start_level([]))
+
+
+# ------------------------------------------------------------------ real training
+
+
+class Net(nn.Module):
+    """An MLP, plus a linear ``side`` read of the raw input added to its logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(20, 64), nn.Linear(64, 64), nn.Linear(64, 5)
+        self.side = nn.Linear(20, 5)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x))))) + self.side(x)
+
+
+def train(logdir: str, bad: str | None = None, clip: float | None = None, optimizer: bool = True,
+          log_loss_every: int = 1, steps: int = 100) -> list:
+    """A small classifier (Adam); ``bad``: at step `BAD_AT` the batch's inputs are x100 (``"inputs"``), or only
+    the ``side`` layer's input is (``"side"``); the twin has no bad batch."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    writer = DiagnosticWriter(logdir)
+    writer.watch(model, opt if optimizer else None, log_every=10)
+    g = torch.Generator().manual_seed(1)
+    x_all = torch.randn(2000, 20, generator=g)
+    y_all = x_all[:, :5].argmax(1)
+    hit = {}
+    model.side.register_forward_pre_hook(lambda m, args: (args[0] * 100,) if hit.get("side") else None)
+    for step in range(steps):
+        i = torch.randint(0, 2000, (32,), generator=g)
+        x, y = x_all[i], y_all[i]
+        if step == BAD_AT and bad == "inputs":
+            x = x * 100
+        hit["side"] = step == BAD_AT and bad == "side"
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if step % log_loss_every == 0:
+            writer.add_scalar("train/loss", loss.item(), step)
+    writer.close()
+    return [f for f in tbdiag.report(logdir) if f.issue == "gradient_spike"]
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no_clip", "clip_1"])
+def test_a_bad_batch_between_logging_steps_is_named_at_its_step(tmp_path, clip):
+    (f,) = train(str(tmp_path / "sick"), bad="inputs", clip=clip)
+    assert (f.first_step, f.last_step, f.severity) == (BAD_AT, BAD_AT, "warning")
+    assert f.value > 20 and f"step {BAD_AT}" in f.message
+    assert f.layer in ("fc1", "fc2", "fc3", "side")
+    assert train(str(tmp_path / "twin"), clip=clip) == []
+
+
+def test_the_layer_that_carried_it_is_named(tmp_path):
+    """Only the side layer's input is x100 at that step: its weight gradient carries the jump (the logits'
+    gradient is bounded by the softmax, so the other layers' barely move)."""
+    (f,) = train(str(tmp_path / "sick"), bad="side")
+    assert f.first_step == BAD_AT and f.layer == "side", f.message
+    assert "carried by side (x" in f.message and "fc1" not in f.message
+
+
+def test_without_an_optimizer_a_step_is_a_backward(tmp_path):
+    (f,) = train(str(tmp_path / "sick"), bad="inputs", optimizer=False)
+    assert f.first_step == BAD_AT
+    assert train(str(tmp_path / "twin"), optimizer=False) == []
+
+
+def test_with_the_loss_logged_only_at_logging_steps_the_size_decides(tmp_path):
+    """No loss at the spike step: a jump of at least 10x the median, with a loss that did not fall across it."""
+    (f,) = train(str(tmp_path / "sick"), bad="inputs", log_loss_every=10)
+    assert f.first_step == BAD_AT
+    assert train(str(tmp_path / "twin"), log_loss_every=10) == []
+
+
+def test_a_hugging_face_output_carries_the_loss_at_the_spike(tmp_path):
+    """A tiny GPT-2 (its output has .loss): one batch between logging steps whose labels are shifted by half the
+    vocabulary (a misaligned shard): the loss there is 3x, the gradient norm ~5x its median."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                                  eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=10)
+    g = torch.Generator().manual_seed(0)
+    start, stride = torch.randint(0, 32, (512, 1), generator=g), torch.randint(1, 4, (512, 1), generator=g)
+    data = (start + stride * torch.arange(16)) % 32
+    for step in range(80):
+        ids = data[torch.randint(0, 512, (16,), generator=g)]
+        labels = (ids + 16) % 32 if step == BAD_AT else ids
+        out = model(input_ids=ids, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()  # (no loss scalar: the model's own output carries it)
+    writer.close()
+    (f,) = [f for f in tbdiag.report(str(tmp_path)) if f.issue == "gradient_spike"]
+    assert f.first_step == BAD_AT, f.message
+    assert "the loss at that step was" in f.message
