@@ -88,5 +88,14 @@ def summary_markdown(table: schema.LayerTable) -> str:
     macs = sum(layer.macs for layer in table.layers)
     lines.append("")
     lines.append(f"Total parameters: {total:,} ({trainable:,} trainable); multiply-accumulates per batch: {_human(macs)}")
+    note = table.extra.get("attention")
+    if isinstance(note, dict) and note.get("modules"):
+        lines.append("")
+        lines.append(f"Attention health (logits, entropy, first-key share): measured in {note.get('measured', 0)} of "
+                     f"{note['modules']} attention modules.")
+        unseen = note.get("not_seen") or []
+        if unseen:
+            names = ", ".join(f"`{n}`" for n in unseen[:8]) + (f" and {len(unseen) - 8} more" if len(unseen) > 8 else "")
+            lines.append(f"Not measured: {names}; {note.get('why', '')}.")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """The evaluator: every rule of the table (`tbdiag.rules.table`) checked against a run, consequences explained.
 
 Each rule family has its own module (`layer`, `nonfinite`, `loop`, `loss`,
-`update`, `evaluation`, `throughput`); this one maps each rule name to its
+`update`, `evaluation`, `throughput`, `attention`); this one maps each rule name to its
 checker, runs them, lets each family demote the findings that follow from
 another one, and orders the result.  Pure: a `RunData` in, findings out.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..contract.rundata import RunData
-from . import evaluation, layer, loop, loss, nonfinite, throughput, update
+from . import attention, evaluation, layer, loop, loss, nonfinite, throughput, update
 from .table import RULES_BY_NAME, SEVERITY_RANK, Finding, resolve
 
 #: rule name -> its checker, ``(run, resolved rule) -> findings``
@@ -37,6 +37,8 @@ _EVALUATORS = {
     "prediction_collapse": evaluation.prediction_collapse,
     "neglected_class": evaluation.neglected_class,
     "input_bound": throughput.input_bound,
+    "attention_logit_growth": attention.attention_logit_growth,
+    "attention_entropy_collapse": attention.attention_entropy_collapse,
 }
 assert set(_EVALUATORS) == set(RULES_BY_NAME), "every rule in the table needs an evaluator"
 

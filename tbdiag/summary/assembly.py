@@ -22,6 +22,8 @@ kind           key                  value
 ``a_hist``     layer rows           the same, of the layer outputs
 ``image``      layer row            ``[channels, h, w]`` feature maps in [0, 1]
 ``model``      statistic name       one model-level value (`schema.MODEL_COLUMNS`)
+``attn``       layer row            the ``attn_*`` statistics of its attention
+                                    (`tbdiag.measure.attention.ROW` order)
 =============  ===================  =============================================
 """
 
@@ -36,7 +38,11 @@ import numpy as np
 from ..contract import schema
 
 #: Items keyed by one layer row, and by a list of rows (remapped when the rows are reordered).
-_ROW_KEYED = {"act", "dead", "sat", "image"}
+_ROW_KEYED = {"act", "dead", "sat", "image", "attn"}
+
+#: The columns of an ``attn`` item, in its order (`tbdiag.measure.attention.ROW`).
+ATTENTION_COLUMNS = ("attn_logit_max", "attn_logit_head", "attn_entropy", "attn_entropy_min", "attn_entropy_head",
+                     "attn_sink")
 _ROWS_KEYED = {"a_hist"}
 
 
@@ -105,6 +111,8 @@ class Assembler:
         for (kind, key), value in items:
             if kind in norms:
                 norms[kind][slice(None) if key is None else key] = value
+            elif kind == "attn":
+                health[key, [schema.COLUMN_INDEX[c] for c in ATTENTION_COLUMNS]] = value
             elif kind in ("act", "dead", "sat"):
                 self._layer_item(health, kind, key, value)
             elif kind in ("p_hist", "g_hist", "a_hist"):

@@ -125,6 +125,9 @@ class Watcher:
         self.tap = ForwardTap(self.shield.guard, self._busy)
         self.recorder = StepRecorder(writer, optimizer, log_every, grad_scaler=grad_scaler, scalars=scalars,
                                      loss_tags=loss_tags, warn_once=self._warn_once)
+        compiled = type(model).__name__ == "OptimizedModule" or any(
+            getattr(m, "_compiled_call_impl", None) is not None for m in self.model.modules())  # model.compile()
+        self.recorder.attention_note = lambda: self.tap.attention.seen_note(self.layers, compiled)
         self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
         self.timer = StepTimer()  # the perf/* scalars (tbdiag.watch.timing)
         # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
