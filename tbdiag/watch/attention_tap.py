@@ -73,14 +73,19 @@ class AttentionTap:
         self._layers: list[Layer] = []
         self.ever_seen: set[str] = set()  # names of the rows measured at some logging step (rows get renumbered)
         self._stack: list[_KernelSpy] = []
-        self._pre = guard("attention tap", self._enter)
-        self._post = self._leave  # (not guarded: it must pop its spy even after a fault turned the guards off)
-        self.measure = guard("attention tap", self._measure)
+        self._guard = guard
+        self._pre: Callable[[Layer], None] | None = None  # guarded at the first logging step (watch() set-up
+        self.measure: Callable[..., None] | None = None  # stays as it was for models without attention)
+        # not guarded: it must pop its spy even after a fault turned the guards off (hidden from Dynamo as they are)
+        self._post = torch.compiler.disable(self._leave)
 
     def open(self, probe: StepProbe, layers: list[Layer], hooks: list[tuple[str, Any]]) -> None:
         """Hook this thread's forward: every attention row gets a pre-hook and an always-called hook."""
         self.probe, self.thread, self._layers = probe, threading.get_ident(), layers
         self.seen.clear()
+        if self._pre is None:
+            self._pre = self._guard("attention tap", self._enter)
+            self.measure = self._guard("attention tap", self._measure)
         for layer in layers:
             if layer.attention:
                 module = layer.module
