@@ -33,6 +33,7 @@ from tbdiag.measure import attention, modelinfo
 from tbdiag.read.reader import load_logdir
 from tbdiag.rules import RULES_BY_NAME
 from tbdiag.rules import attention as attention_rules
+from tbdiag.summary import assembly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,13 +166,14 @@ def test_long_sequences_are_sampled_within_the_memory_bound():
     assert torch.equal(rows[0, 0, -1], full[0, 0, -1])
 
 
-def test_layer_row_names_the_worst_heads():
-    heads = torch.tensor([[3.0, 0.9, 0.1], [120.0, 0.5, 0.2], [7.0, 0.05, 0.3], [math.nan, math.nan, math.nan]])
-    row = attention.layer_row(heads).tolist()
+def test_a_layers_columns_name_its_worst_heads():
+    heads = np.array([[3.0, 0.9, 0.1], [120.0, 0.5, 0.2], [7.0, 0.05, 0.3], [math.nan, math.nan, math.nan]])
+    row = assembly.attention_columns(heads)
     assert row[:2] == [120.0, 1.0]
     assert row[2] == pytest.approx((0.9 + 0.5 + 0.05) / 3)
     assert row[3:5] == [pytest.approx(0.05), 2.0]
     assert row[5] == pytest.approx(0.2)
+    assert np.isnan(assembly.attention_columns(np.full((2, 3), np.nan))).all()
 
 
 def test_attention_modules_are_the_innermost_ones_named_so():

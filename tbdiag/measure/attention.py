@@ -12,8 +12,8 @@ on the host, and dropout never enters (it comes after the softmax).
 
 Memory is bounded: at most a few batch items and `MAX_ROWS` query rows, every
 key, so about `LOGIT_ELEMENTS` logits whatever the sequence length.
-`head_stats` reduces them per head; `layer_row` to the statistics one layer
-row stores (`tbdiag.contract.statistics`: ``attn_*``).
+`head_stats` reduces them per head, on the device; the host turns a layer's
+heads into its ``attn_*`` statistics (`tbdiag.summary.assembly.attention_columns`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,6 @@ MAX_ITEMS = 4
 #: ``BertSelfAttention``, ``CausalSelfAttention``, timm's ``Attention``) and no module inside it does: the
 #: innermost one computes the softmax (``BertAttention`` wraps ``BertSelfAttention``).
 _ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
-
-#: What `layer_row` stores, in order (the ``attn_*`` statistics).
-ROW = ("attn_logit_max", "attn_logit_head", "attn_entropy", "attn_entropy_min", "attn_entropy_head", "attn_sink")
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -218,24 +215,5 @@ def head_stats(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.stack([top, mean, sink], dim=1)
 
 
-def layer_row(heads: torch.Tensor) -> torch.Tensor:
-    """The `ROW` statistics of one layer from its `head_stats` (NaN heads ignored): the largest logit and
-    its head, the heads' mean normalised entropy, the lowest head's and its index, the mean first-key share."""
-    top, entropy, sink = heads.unbind(1)
-    finite = ~entropy.isnan()
-    low = torch.where(finite, entropy, torch.full_like(entropy, math.inf))
-    high = torch.where(top.isnan(), torch.full_like(top, -math.inf), top)
-    count = finite.float().sum()
-    nan = torch.full_like(count, math.nan)
-    return torch.stack([
-        torch.where(count > 0, high.max(), nan),
-        torch.where(count > 0, high.argmax().float(), nan),
-        torch.where(count > 0, entropy.nan_to_num(0.0).sum() / count, nan),
-        torch.where(count > 0, low.min(), nan),
-        torch.where(count > 0, low.argmin().float(), nan),
-        torch.where(count > 0, sink.nan_to_num(0.0).sum() / count, nan),
-    ])
-
-
-__all__ = ["LOGIT_ELEMENTS", "MAX_ROWS", "MAX_ITEMS", "ROW", "attention_modules", "sdpa_rows", "softmax_rows",
-           "mha_rows", "head_stats", "layer_row"]
+__all__ = ["LOGIT_ELEMENTS", "MAX_ROWS", "MAX_ITEMS", "attention_modules", "sdpa_rows", "softmax_rows",
+           "mha_rows", "head_stats"]

@@ -22,8 +22,8 @@ kind           key                  value
 ``a_hist``     layer rows           the same, of the layer outputs
 ``image``      layer row            ``[channels, h, w]`` feature maps in [0, 1]
 ``model``      statistic name       one model-level value (`schema.MODEL_COLUMNS`)
-``attn``       layer row            the ``attn_*`` statistics of its attention
-                                    (`tbdiag.measure.attention.ROW` order)
+``attn``       layer row            ``[heads, 3]`` per head: max logit, mean normalised
+                                    entropy, first-key share (`attention_columns`)
 =============  ===================  =============================================
 """
 
@@ -40,9 +40,23 @@ from ..contract import schema
 #: Items keyed by one layer row, and by a list of rows (remapped when the rows are reordered).
 _ROW_KEYED = {"act", "dead", "sat", "image", "attn"}
 
-#: The columns of an ``attn`` item, in its order (`tbdiag.measure.attention.ROW`).
+#: The statistics `attention_columns` makes of an ``attn`` item, in its order.
 ATTENTION_COLUMNS = ("attn_logit_max", "attn_logit_head", "attn_entropy", "attn_entropy_min", "attn_entropy_head",
                      "attn_sink")
+
+
+def attention_columns(heads: np.ndarray) -> list[float]:
+    """A layer's `ATTENTION_COLUMNS` from its ``[heads, 3]`` per-head statistics (`tbdiag.measure.attention.head_stats`):
+    the largest logit and its head, the heads' mean entropy, the lowest head's and its index, the mean first-key
+    share.  Heads that measured nothing (NaN) are left out; all NaN when none did."""
+    heads = np.asarray(heads, dtype=np.float64).reshape(-1, 3)
+    measured = np.flatnonzero(np.isfinite(heads[:, 1]))
+    if measured.size == 0:
+        return [math.nan] * len(ATTENTION_COLUMNS)
+    top, entropy, sink = heads[measured].T
+    hi, lo = int(np.argmax(top)), int(np.argmin(entropy))
+    return [float(top[hi]), float(measured[hi]), float(entropy.mean()), float(entropy[lo]), float(measured[lo]),
+            float(sink.mean())]
 _ROWS_KEYED = {"a_hist"}
 
 
@@ -112,7 +126,7 @@ class Assembler:
             if kind in norms:
                 norms[kind][slice(None) if key is None else key] = value
             elif kind == "attn":
-                health[key, [schema.COLUMN_INDEX[c] for c in ATTENTION_COLUMNS]] = value
+                health[key, [schema.COLUMN_INDEX[c] for c in ATTENTION_COLUMNS]] = attention_columns(value)
             elif kind in ("act", "dead", "sat"):
                 self._layer_item(health, kind, key, value)
             elif kind in ("p_hist", "g_hist", "a_hist"):

@@ -153,7 +153,7 @@ class AttentionTap:
                 if rows is None:
                     return
                 self.seen.add(layer.row)
-                probe.add("attn", layer.row, attention.layer_row(attention.head_stats(*rows)))
+                probe.add("attn", layer.row, attention.head_stats(*rows))
         finally:
             self.busy.value = False
 
