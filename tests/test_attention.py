@@ -328,6 +328,27 @@ def test_an_attention_tbdiag_cannot_see_is_said_once_in_the_model_summary(tmp_pa
     assert np.isnan(run.column("attn_entropy")).all()
 
 
+class Block(nn.Module):
+    """A block that calls the fused kernel in its own forward, with no attention module around it."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+
+
+def test_an_attention_call_outside_any_attention_module_is_said_in_the_model_summary(tmp_path):
+    model = nn.Sequential(Block(), nn.Linear(16, 4))
+    _train(model, 3, tmp_path, lambda g: torch.randn(2, 5, 16, generator=g))
+    (run,) = load_logdir(str(tmp_path))
+    assert run.table.extra["attention"]["outside"] == ["F.scaled_dot_product_attention"]
+    text = modelinfo.summary_markdown(run.table)
+    assert "Not measured: F.scaled_dot_product_attention called outside any attention module" in text
+
+
 # ------------------------------------------------------------------ the rules on hand-made runs
 
 

@@ -35,6 +35,9 @@ from ..measure.probe import StepProbe, no_autocast
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax})
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
+#: The attention calls tbdiag measures, and how the model summary names them when they run outside any
+#: attention module (seen by the activation spy, `stray_call`).
+KERNELS = {_SDPA: "F.scaled_dot_product_attention", _MHA: "F.multi_head_attention_forward"}
 
 
 def _arg(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
@@ -72,6 +75,7 @@ class AttentionTap:
         self.seen: set[int] = set()  # rows measured in this forward
         self._layers: list[Layer] = []
         self.ever_seen: set[str] = set()  # names of the rows measured at some logging step (rows get renumbered)
+        self.stray: set[str] = set()  # attention calls seen outside any attention module (not measured)
         self._stack: list[_KernelSpy] = []
         self._guard = guard
         self._pre: Callable[[Layer], None] | None = None  # guarded at the first logging step (watch() set-up
@@ -157,11 +161,19 @@ class AttentionTap:
         finally:
             self.busy.value = False
 
+    def stray_call(self, func: Any) -> None:
+        """The activation spy saw ``func`` (one of `KERNELS`) run: noted when no attention module is running."""
+        if not self._stack and self.probe is not None:
+            self.stray.add(KERNELS[func])
+
     def seen_note(self, layers: list[Layer], compiled: bool) -> dict[str, Any]:
-        """What the model summary says about attention: the rows measured, those whose kernel was not seen."""
+        """What the model summary says about attention: the rows measured, those whose kernel was not seen, and
+        attention calls made outside any attention module."""
         rows = [layer for layer in layers if layer.attention]
         unseen = [layer.name for layer in rows if layer.name not in self.ever_seen]
         note: dict[str, Any] = {"modules": len(rows), "measured": len(rows) - len(unseen), "not_seen": unseen}
+        if self.stray:
+            note["outside"] = sorted(self.stray)
         if unseen:
             note["why"] = ("under torch.compile the attention kernel runs inside the compiled graph, out of tbdiag's "
                            "sight" if compiled else

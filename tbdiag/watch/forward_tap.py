@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..measure.layers import ACTIVATION_KINDS, DEAD_BELOW, Layer, call_kind, first_tensor
 from ..measure.probe import StackBuffer, StepProbe, autocast_device, no_autocast
-from .attention_tap import AttentionTap
+from .attention_tap import KERNELS, AttentionTap
 
 #: Rectifier-like kinds judged on their pre-activation (smooth ones: GELU, SiLU, ...): measured before the op
 #: runs, as an in-place one (``nn.SiLU(inplace=True)``) overwrites it.
@@ -38,6 +38,8 @@ class _ActivationSpy(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in KERNELS and not self.tap.busy.value:  # an attention call: outside any attention module?
+            self.tap.attention.stray_call(func)
         kind = ACTIVATION_KINDS.get(func)
         # (inside an activation module its own hooks measure it, whatever ops it is made of)
         if kind is None or self.tap.busy.value or self.tap.in_activation_module:

@@ -163,7 +163,7 @@ class StepRecorder:
 
     def _attention_fact(self) -> dict[str, Any]:
         note = self.attention_note() if self.attention_note is not None else None
-        return {"attention": note} if note and note.get("modules") else {}
+        return {"attention": note} if note and (note.get("modules") or note.get("outside")) else {}
 
     def _write_table(self, final: bool = True) -> None:
         """Write the layer table (rows in model order) and the model summary, once (and once provisionally)."""
