@@ -6,7 +6,8 @@ fixed subsample of query rows from what the model handed its attention
 kernel: the arguments of ``F.scaled_dot_product_attention`` (`sdpa_rows`),
 the input of an eager attention's softmax (`softmax_rows`), or those of
 ``F.multi_head_attention_forward`` (`mha_rows`, ``nn.MultiheadAttention`` and
-``nn.TransformerEncoderLayer``).  The user's kernel still runs on its own
+``nn.TransformerEncoderLayer``: the sampled items' keys are projected again,
+the size of those items' keys).  The user's kernel still runs on its own
 inputs; nothing here modifies them, draws random numbers or reads a value
 on the host, and dropout never enters (it comes after the softmax).
 
@@ -110,9 +111,10 @@ def sdpa_rows(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | 
     k = key[items][:b]
     b, r = q.shape[0], q.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    # grouped-query attention: query heads [Hk, H // Hk] against their shared key head, without copying keys
-    logits = torch.matmul(q.reshape(b, Hk, H // Hk, r, D), k.unsqueeze(2).transpose(-1, -2))
-    logits = logits.reshape(b, H, r, Lk).float() * scale
+    # grouped-query attention: query heads [Hk, H // Hk] against their shared key head, without copying keys;
+    # the scale goes on the few query rows first, so a half-precision product holds the logits themselves
+    logits = torch.matmul(q.reshape(b, Hk, H // Hk, r, D) * scale, k.unsqueeze(2).transpose(-1, -2))
+    logits = logits.reshape(b, H, r, Lk).float()
     valid = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=query.device)
     if attn_mask is not None:
         allowed, bias = _valid_from_mask(_pick(attn_mask, items, b, rows, (B, Lq, Lk)))
@@ -171,7 +173,7 @@ def mha_rows(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | N
     b, r = q.shape[1], q.shape[0]
     q = q.reshape(r, b, heads, D).permute(1, 2, 0, 3)
     k = k.reshape(Lk, b, heads, D).permute(1, 2, 0, 3)
-    logits = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(D)
+    logits = torch.matmul(q / math.sqrt(D), k.transpose(-1, -2)).float()
     valid = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=query.device)
     attn_mask, padding = a.get("attn_mask"), a.get("key_padding_mask")
     if attn_mask is not None:  # [Lq, Lk] or [B * heads, Lq, Lk]; a True entry is NOT allowed
