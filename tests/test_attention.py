@@ -433,3 +433,29 @@ def test_gpt2_lr_too_high_grows_attention_logits_from_the_first_interval(tmp_pat
     recipes.gpt2_lr_too_high(str(tmp_path / "sick"), steps=40)
     found = [f for f in tbdiag.report(str(tmp_path / "sick")) if f.issue == "attention_logit_growth"]
     assert any(f.layer == "transformer.h.0.attn" and f.first_step == recipes.LOG_EVERY for f in found), found
+
+
+def test_a_fault_in_the_attention_measurement_detaches_and_training_goes_on(tmp_path, monkeypatch):
+    """The shield: a fault inside the measurement warns once, tbdiag detaches, no mode is left pushed, and the
+    weights are those of an unwatched run."""
+    from sync_budget import AttentionNet
+
+    def broken(logits, valid):
+        raise RuntimeError("fault injected into the attention statistics")
+
+    monkeypatch.setattr(attention, "head_stats", broken)
+    torch.manual_seed(0)
+    model = AttentionNet()
+    twin = copy.deepcopy(model)
+    make = lambda g: torch.randn(8, 12, 32, generator=g)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.manual_seed(5)
+        _train(model, 5, tmp_path, make)
+    stopped = [w for w in caught if "tbdiag stopped watching" in str(w.message)]
+    assert len(stopped) == 1 and "fault injected into the attention statistics" in str(stopped[0].message)
+    assert torch._C._len_torch_function_stack() == 0
+    torch.manual_seed(5)
+    _train(twin, 5, None, make)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
