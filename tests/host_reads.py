@@ -63,6 +63,7 @@ _HERE = os.path.abspath(__file__)
 #: tbdiag frames that only pass the user's own code through: (file below tbdiag/, function name).
 PASS_THROUGH = {
     ("watch/forward_tap.py", "__torch_function__"),  # the activation spy runs the user's op
+    ("watch/attention_tap.py", "__torch_function__"),  # the attention kernel spy runs the user's op
     ("watch/sentinel.py", "_replay"),  # the one replay of the user's forward
     ("measure/graph.py", "forward"),  # the graph trace's call of the user's model
 }

@@ -15,7 +15,8 @@ the user's and come on top.  So do, at step 0, the reads of the graph trace
 itself, measured alone: none for plain models (asserted), but a Hugging Face
 model's code reads values while ``torch.jit.trace`` records it, and the JIT's
 inlining compares the trace's tensor constants (``aten.equal``): about 120
-reads for the tiny GPT-2 here (`TRACE_READS`).  After every step the watcher's
+reads for the tiny GPT-2 here, and 9 for ``nn.TransformerEncoderLayer``'s checks of its inputs
+(`TRACE_READS`).  After every step the watcher's
 shield must be intact: a sync that raised inside a hook
 (``set_sync_debug_mode("error")``) would otherwise only detach tbdiag, and the
 count would look clean.
@@ -45,9 +46,10 @@ MATRIX = [
     ("hf_outputs", True, ("nonfinite",)),
     ("adam_fused_amsgrad", True, ()),  # Adam's state read at logging steps; its step counter a tensor
     ("hf_moe", True, ()),
+    ("attention", True, ()),
 ]
 #: Cases whose graph trace reads values on the host by itself (see the module docstring).
-TRACE_READS = {"hf_outputs", "hf_moe"}
+TRACE_READS = {"hf_outputs", "hf_moe", "attention"}
 MATRIX_IDS = [f"{case}-{'opt' if opt else 'no_opt'}{'-stop_on' if stop else ''}" for case, opt, stop in MATRIX]
 
 #: A step's count, and what the counter saw (file:line of each sync) for the failure message.
@@ -58,6 +60,35 @@ def mlp(dropout: float = 0.0) -> nn.Module:
     # sigmoid/tanh too: the saturation statistics
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 128), nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 64),
                          nn.Tanh(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10))
+
+
+class EagerSelfAttention(nn.Module):
+    """q·kᵀ, a causal mask, softmax, dropout: attention as research code writes it by hand."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) / (D // self.heads) ** 0.5
+        scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return self.out((F.dropout(F.softmax(scores, dim=-1), 0.1, self.training) @ v).transpose(1, 2).reshape(B, L, D))
+
+
+class AttentionNet(nn.Module):
+    """Token classifier with both attention paths tbdiag reads by hand-off: ``nn.TransformerEncoderLayer``
+    (``F.multi_head_attention_forward``) and an eager softmax attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.attn = EagerSelfAttention()
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.encoder(x)).mean(1))
 
 
 @dataclass
@@ -133,6 +164,8 @@ def build(case: str, device: torch.device | str, with_optimizer: bool = True) ->
         model, x = SeedCNN(), torch.randn(16, 3, 32, 32, device=device)
     elif case == "resnet_bn_inplace":
         model = SmallResNet()
+    elif case == "attention":
+        model, x = AttentionNet(), torch.randn(16, 12, 32, device=device)
     else:
         raise ValueError(case)
     model = model.to(device)

@@ -22,7 +22,7 @@ from sync_budget import LOG_EVERY, MATRIX, MATRIX_IDS, TRACE_READS, build, check
 
 import tbdiag
 from tbdiag import DiagnosticWriter
-from tbdiag.measure import graph, stats
+from tbdiag.measure import attention, graph, stats
 from tbdiag.watch import sentinel, watcher
 
 
@@ -258,3 +258,24 @@ def test_the_spike_tracker_judges_every_step_with_no_read_between_logging_steps(
     steps, at = run.model_series("grad_spike_step")
     assert steps.tolist() == [LOG_EVERY, 2 * LOG_EVERY, 3 * LOG_EVERY, 4 * LOG_EVERY]
     assert all(s - LOG_EVERY < a <= s for s, a in zip(steps, at)), at  # a step of the window just ended
+def test_a_sync_in_the_attention_measurement_fails_the_check(tmp_path, monkeypatch, like_an_accelerator):
+    """The attention statistics are in the budget: a host read added to them is caught at every logging step,
+    once per attention module (two here)."""
+    original = attention.head_stats
+
+    def head_stats(logits, valid):
+        float(logits[0, 0, 0, 0])
+        return original(logits, valid)
+
+    monkeypatch.setattr(attention, "head_stats", head_stats)
+    loop = build("attention", "cpu")
+    traced = _graph_reads(loop, "attention")
+    with counting(loop) as reads:
+        writer, handle = _watched(tmp_path, loop, reads)
+        with pytest.raises(AssertionError) as caught:
+            check_steps(loop, handle, counter(reads), 2 * LOG_EVERY + 1, graph=traced)
+        writer.close()
+    message = str(caught.value)
+    assert message.startswith(f"syncs per step [{3 + traced}, 0, 0, 3, 0, 0, 3], budget [{1 + traced}, 0, 0, 1, 0, 0, 1]"), \
+        message
+    assert "test_host_reads.py" in message

@@ -1,6 +1,6 @@
 """The Diagnostics tab at the scale people train: six 12-block GPT-2 runs side by side.
 
-Six runs of `recipes.gpt2` (88 layer rows each) at six learning rates, one
+Six runs of `recipes.gpt2` (100 layer rows each: 88 layers and 12 attention modules) at six learning rates, one
 with a dead MLP block (``dead_block=6``: its GELU never fires) and one whose
 weights are poisoned with a NaN at step 30 (what a blow-up at lr 0.1 leaves:
 NaN everywhere from then on).  A real ``tensorboard`` serves them; headless
@@ -206,16 +206,17 @@ def test_six_gpt2_runs_read_without_hovering(chromium, gpt2_six, size):
     choose_stat(frame, "grad_norm", "gradient L2 norm")
     heat, matrix, nan = heatmap_data(tb, NAN_RUN, "grad_norm")
     unmeasured = [name for name, row, bad in zip(heat["layers"], matrix, nan) if np.isnan(row).all() and not bad.any()]
-    assert 0 < len(unmeasured) < len(heat["layers"]) and all(".mlp.act" in n or n == "lm_head" for n in unmeasured)
+    assert 0 < len(unmeasured) < len(heat["layers"]) and all(".mlp.act" in n or n.endswith(".attn") or n == "lm_head"
+                                                                     for n in unmeasured)
     for run in RUNS:
         panel = panel_of(frame, run)
         canvas = panel.locator("canvas.heat-canvas")
         note = panel.locator(".heat-note")
         assert note.get_attribute("data-hidden") == str(len(unmeasured)), run
-        assert f"{len(unmeasured)} of 88 layers not shown: never measured" in note.inner_text(), run
+        assert f"{len(unmeasured)} of 100 layers not shown: never measured" in note.inner_text(), run
         rows = json.loads(canvas.get_attribute("data-rows"))
         labels = json.loads(canvas.get_attribute("data-labels"))
-        assert len(rows) == 88 - len(unmeasured) == int(canvas.get_attribute("data-layers")), run
+        assert len(rows) == 100 - len(unmeasured) == int(canvas.get_attribute("data-layers")), run
         assert not set(rows) & set(unmeasured)
         assert int(canvas.get_attribute("data-row-height")) >= 11, run
         assert len(labels) == len(rows) and all(labels), f"{run}: unlabelled heatmap rows"

@@ -16,7 +16,7 @@ Layout
 
 ``tbdiag/health/<first step of the chunk>``
     One float32 tensor ``[n_layers, len(COLUMNS)]`` per logging step: 4 bytes
-    per statistic, about 60 bytes per layer per step.  Missing values are NaN.
+    per statistic, 80 bytes per layer per step.  Missing values are NaN.
     At most ``STEPS_PER_TAG`` steps share a tag.  TensorBoard's Python loader
     keeps only 10 samples per tag for a plugin it does not know (its Rust loader
     keeps 100) unless the user passes ``--samples_per_plugin``; giving every ten

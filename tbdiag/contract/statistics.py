@@ -108,6 +108,22 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("experts_idle_frac", "fraction of a router's experts that received no token in the batch; NaN for "
               "layers that are not routers",
               "experts with no tokens", "idle experts", "fraction", "with_finding"),
+    Statistic("attn_logit_max", "largest attention logit (the softmax input q.k x the model's own scale, plus any "
+              "additive bias) a sampled query row gives a key it attends, over every head; an attention module's "
+              "row, NaN elsewhere (tbdiag.measure.attention: a few batch items x up to 32 query rows x every key)",
+              "max attention logit", "max logit", "linear", "always"),
+    Statistic("attn_logit_head", "the head (0-based) holding attn_logit_max",
+              "head of the max attention logit", "logit head", "linear", "never"),
+    Statistic("attn_entropy", "mean over heads and sampled query rows of the attention entropy divided by ln(keys "
+              "attended): 1 is uniform attention, 0 one-hot (rows attending one key left out)",
+              "attention entropy (normalised)", "attn entropy", "fraction", "always"),
+    Statistic("attn_entropy_min", "the lowest head's mean normalised attention entropy",
+              "lowest head's attention entropy", "min head entropy", "fraction", "with_finding"),
+    Statistic("attn_entropy_head", "the head (0-based) with the lowest attention entropy",
+              "head of the lowest entropy", "entropy head", "linear", "never"),
+    Statistic("attn_sink", "mean share of attention the sampled query rows give the first key (the 'attention "
+              "sink')",
+              "attention on the first key", "attn sink", "fraction", "with_finding"),
 )
 # fmt: on
 

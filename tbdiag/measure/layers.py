@@ -18,6 +18,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils.rnn import PackedSequence
 
 from ..contract import schema
+from .attention import attention_modules
 from .modelinfo import type_name
 
 # Modules that are never rows of the layer table: they compute nothing worth
@@ -142,6 +143,11 @@ class Layer:
     # An in-place op changed this layer's output after its hook, at some logging step: it is measured in
     # its hook, not in the batch at the end of the forward (`StepProbe.flush_outputs`).  Never unlearned.
     output_changes: bool = False
+    # An attention module (`tbdiag.measure.attention.attention_modules`): its row holds the attention statistics
+    # of its softmax (`tbdiag.watch.attention_tap`); one without parameters of its own measures nothing else.
+    attention: bool = False
+    attention_hooks: tuple | None = None  # its pre-hook and hook for the attention tap, made once
+    output_measured: bool = True  # its output's statistics are measured (not for a parameter-free attention row)
 
     @property
     def is_activation(self) -> bool:
@@ -151,10 +157,12 @@ class Layer:
 def discover(model: nn.Module) -> list[Layer]:
     """The rows of ``model``'s layer table; parameter counts are filled in by `count_params` (lazy modules)."""
     layers = []
+    attending = attention_modules(model)
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         leaf = next(iter(module.children()), None) is None
-        if not own and (not leaf or isinstance(module, _SKIP_TYPES) or module is model):
+        is_attention = id(module) in attending
+        if not own and (module is model or not is_attention and (not leaf or isinstance(module, _SKIP_TYPES))):
             continue
         layers.append(Layer(
             name=name,
@@ -165,6 +173,8 @@ def discover(model: nn.Module) -> list[Layer]:
             activation_kind=module_kind(module),
             info=schema.LayerInfo(name=name, type=type_name(module)),
             row=len(layers),
+            attention=is_attention,
+            output_measured=bool(own) or not is_attention,
         ))
     return layers
 

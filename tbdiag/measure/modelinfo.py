@@ -10,6 +10,7 @@ layers count one per output element.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,6 +71,23 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _attention_lines(note: Any) -> list[str]:
+    """What the summary says about attention health (`tbdiag.watch.attention_tap.AttentionTap.seen_note`)."""
+    if not isinstance(note, dict) or not (note.get("modules") or note.get("outside")):
+        return []
+    lines = ["", f"Attention health (logits, entropy, first-key share): measured in {note.get('measured', 0)} of "
+                 f"{note.get('modules', 0)} attention modules."]
+    unseen = note.get("not_seen") or []
+    if unseen:
+        names = ", ".join(f"`{n}`" for n in unseen[:8]) + (f" and {len(unseen) - 8} more" if len(unseen) > 8 else "")
+        lines.append(f"Not measured: {names}; {note.get('why', '')}.")
+    if note.get("outside"):
+        lines.append(f"Not measured: {', '.join(note['outside'])} called outside any attention module (a module "
+                     "whose class name contains 'Attention' or 'Attn', or nn.MultiheadAttention): tbdiag measures "
+                     "attention on the module that computes it.")
+    return lines
+
+
 def summary_markdown(table: schema.LayerTable) -> str:
     """The model summary as a Markdown table (TensorBoard's Text tab renders it)."""
     lines = [
@@ -88,5 +106,6 @@ def summary_markdown(table: schema.LayerTable) -> str:
     macs = sum(layer.macs for layer in table.layers)
     lines.append("")
     lines.append(f"Total parameters: {total:,} ({trainable:,} trainable); multiply-accumulates per batch: {_human(macs)}")
+    lines += _attention_lines(table.extra.get("attention"))
     return "\n".join(lines)
 

@@ -162,6 +162,8 @@ class StepProbe:
             layer.info.macs = macs_of(layer.module, args, out)
         self.order_counter += 1
         self.calls[row] = self.calls.get(row, 0) + 1
+        if not layer.output_measured:
+            return  # an attention row: its statistics come from its kernel (`tbdiag.watch.attention_tap`)
         if self.track_producers:
             self.producers[storage_key(out)] = (row, out.shape, out.storage_offset(), weakref.ref(out))
         if not out.is_floating_point() or row in self.recorded:

@@ -602,6 +602,46 @@ RULES: tuple[Rule, ...] = (
                "router's learning rate; check the router's initialisation (no large bias).",
         word="experts", reads=("expert_top_share", "experts_idle_frac"),
     ),
+    Rule(
+        name="attention_logit_growth",
+        statistic="attn_logit_max: the largest attention logit (softmax input, q.k x the model's scale) of an "
+                  "attention module's sampled query rows over every head (attn_logit_head: which head)",
+        threshold=100.0, persistence=2, severity="warning",
+        source="Dehghani et al. (2023), 'Scaling Vision Transformers to 22 Billion Parameters': uncontrolled growth "
+               "of attention logits gives near one-hot attention and divergence; Wortsman et al. (2023), "
+               "'Small-scale proxies for large-scale Transformer training instabilities': reproduced at small scale "
+               "with a high learning rate, removed by qk-layernorm; Kimi K2's QK-Clip caps the max logit at "
+               "tau = 100, and Megatron-LM logs the max attention logit. Healthy recipes stay under 15 (GPT-2, Llama, "
+               "BERT, ViT, Swin, Mixtral, T5); GPT-2 at lr 0.1 without warm-up reaches 130-3000",
+        why="A logit of 100 puts e^100 times more weight on one key than on a key at 0: the attention is one-hot, "
+            "its softmax passes almost no gradient, and the logits keep growing until the loss spikes or diverges.",
+        advice="Add qk-layernorm (a LayerNorm or RMSNorm on queries and keys per head); lower the learning rate or "
+               "lengthen the warm-up; reparametrise the query/key weights (sigmaReparam) or clip the logits "
+               "(QK-Clip: rescale W_q, W_k when the max logit passes tau).",
+        word="attn logits", reads=("attn_logit_max", "attn_logit_head"),
+        lines=(ThresholdLine("attn_logit_max", "above", "attention_logit_growth"),),
+    ),
+    Rule(
+        name="attention_entropy_collapse",
+        statistic="attn_entropy: an attention module's mean normalised attention entropy (entropy / ln(keys "
+                  "attended), over heads and sampled query rows), below the threshold and below `relative` x its "
+                  "early level (the highest of its first 3 logged values); attn_entropy_min names the lowest head",
+        threshold=0.1, persistence=2, severity="warning",
+        params={"relative": 0.25},
+        source="Zhai et al. (2023), 'Stabilizing Transformer Training by Preventing Attention Entropy Collapse': "
+               "attention entropy collapsing towards 0 goes with loss spikes and divergence, fixed by "
+               "sigmaReparam. A layer's mean over heads, not a single head: positional heads are legitimately "
+               "sharp. 0.1 is tbdiag's choice: healthy recipes keep every layer's mean above 0.35 (T5 0.36, GPT-2 "
+               "over 720 steps 0.47, Llama 0.70, BERT 0.93); GPT-2 at lr 0.1 without warm-up falls to 0.05 within "
+               "10 steps. `relative`: a layer whose attention is sharp from the start (a mask written as a finite "
+               "bias, Swin's -100) has not collapsed",
+        why="When every head of a layer attends to a single key, the layer stops mixing information and its "
+            "softmax passes almost no gradient; training turns unstable (loss spikes, divergence).",
+        advice="Add qk-layernorm; lower the learning rate or lengthen the warm-up; sigmaReparam (spectral "
+               "reparametrisation of the query/key weights) or QK-Clip keep the logits, and so the entropy, in range.",
+        word="attn collapse", reads=("attn_entropy", "attn_entropy_min", "attn_entropy_head"),
+        lines=(ThresholdLine("attn_entropy", "below", "attention_entropy_collapse"),),
+    ),
 )
 # fmt: on
 

@@ -28,6 +28,8 @@ kind           key                  value
 ``model``      statistic name       one model-level value (`schema.MODEL_COLUMNS`)
 ``eps``        parameter positions  ``[k, 2]``: Adam coordinates with sqrt(v_hat) < eps, and
                                     those counted (`tbdiag.measure.optimizer_state`)
+``attn``       layer row            ``[heads, 3]`` per head: max logit, mean normalised
+                                    entropy, first-key share (`attention_columns`)
 =============  ===================  =============================================
 """
 
@@ -45,7 +47,25 @@ from ..contract import schema
 LOG_Z_TAGS = {"logz_mean": "train/log_z/mean", "logz_max": "train/log_z/max"}
 
 #: Items keyed by one layer row, and by a list of rows (remapped when the rows are reordered).
-_ROW_KEYED = {"act", "dead", "sat", "image", "experts"}
+_ROW_KEYED = {"act", "dead", "sat", "image", "experts", "attn"}
+
+#: The statistics `attention_columns` makes of an ``attn`` item, in its order.
+ATTENTION_COLUMNS = ("attn_logit_max", "attn_logit_head", "attn_entropy", "attn_entropy_min", "attn_entropy_head",
+                     "attn_sink")
+
+
+def attention_columns(heads: np.ndarray) -> list[float]:
+    """A layer's `ATTENTION_COLUMNS` from its ``[heads, 3]`` per-head statistics (`tbdiag.measure.attention.head_stats`):
+    the largest logit and its head, the heads' mean entropy, the lowest head's and its index, the mean first-key
+    share.  Heads that measured nothing (NaN) are left out; all NaN when none did."""
+    heads = np.asarray(heads, dtype=np.float64).reshape(-1, 3)
+    measured = np.flatnonzero(np.isfinite(heads[:, 1]))
+    if measured.size == 0:
+        return [math.nan] * len(ATTENTION_COLUMNS)
+    top, entropy, sink = heads[measured].T
+    hi, lo = int(np.argmax(top)), int(np.argmin(entropy))
+    return [float(top[hi]), float(measured[hi]), float(entropy.mean()), float(entropy[lo]), float(measured[lo]),
+            float(sink.mean())]
 _ROWS_KEYED = {"a_hist"}
 
 
@@ -126,6 +146,8 @@ class Assembler:
         for (kind, key), value in items:
             if kind in norms:
                 norms[kind][slice(None) if key is None else key] = value
+            elif kind == "attn":
+                health[key, [schema.COLUMN_INDEX[c] for c in ATTENTION_COLUMNS]] = attention_columns(value)
             elif kind in ("act", "dead", "sat", "experts"):
                 self._layer_item(health, kind, key, value)
             elif kind in ("p_hist", "g_hist", "a_hist"):

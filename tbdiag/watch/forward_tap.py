@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..measure.layers import ACTIVATION_KINDS, DEAD_BELOW, Layer, call_kind, first_tensor
 from ..measure.probe import StackBuffer, StepProbe, autocast_device, no_autocast
+from .attention_tap import KERNELS, AttentionTap
 
 #: Rectifier-like kinds judged on their pre-activation (smooth ones: GELU, SiLU, ...): measured before the op
 #: runs, as an in-place one (``nn.SiLU(inplace=True)``) overwrites it.
@@ -37,6 +38,8 @@ class _ActivationSpy(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in KERNELS and not self.tap.busy.value:  # an attention call: outside any attention module?
+            self.tap.attention.stray_call(func)
         kind = ACTIVATION_KINDS.get(func)
         # (inside an activation module its own hooks measure it, whatever ops it is made of)
         if kind is None or self.tap.busy.value or self.tap.in_activation_module:
@@ -80,6 +83,7 @@ class ForwardTap:
         self._layer_hook = guard("layer hook", lambda layer, module, args, out: self._on_output(layer, args, out))
         self._act_pre = guard("layer hook", lambda layer, module, args: self._on_input(layer, args))
         self.spy_activation = guard("activation spy", self.on_activation)
+        self.attention = AttentionTap(guard, busy)  # the attention rows' kernels (tbdiag.watch.attention_tap)
 
     def open(self, probe: StepProbe, spy_due: bool, describe: bool) -> None:
         """Tap this thread's forward: ``describe`` records shapes and MACs (before the layer table is written).
@@ -111,6 +115,7 @@ class ForwardTap:
             if layer.is_activation:
                 attributing = True
                 self.hooks.append(("pre", layer.module.register_forward_pre_hook(layer.hooks[1])))
+        self.attention.open(probe, self.layers, self.hooks)
         if self.functional_activations or spy_due:
             attributing = True
             self.spy = _ActivationSpy(self)
@@ -122,6 +127,7 @@ class ForwardTap:
         if self.probe is None and self.spy is None and not self.hooks:
             return  # not open (every non-logging step)
         self.pop_spy()
+        self.attention.close()
         for _, h in self.hooks:
             h.remove()
         self.hooks.clear()
@@ -153,6 +159,7 @@ class ForwardTap:
         self._relu_inputs.clear()
 
     def pop_spy(self) -> None:
+        self.attention.pop()  # (pushed above the activation spy: modes leave in reverse order)
         if self.spy is not None:
             spy, self.spy = self.spy, None
             spy.__exit__(None, None, None)

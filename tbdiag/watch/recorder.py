@@ -70,6 +70,8 @@ class StepRecorder:
         self._assembler = Assembler()
         self._announcement = distributed.Announcement(self.rank) if self.rank and self.rank.reduces else None
         self._reduce: bool | None = None  # pool across ranks: decided at the end of the first logging step
+        #: what the model summary says about the attention modules (`AttentionTap.seen_note`), or None
+        self.attention_note: Callable[[], dict[str, Any]] | None = None
 
     def param_index(self) -> list[tuple[int, nn.Parameter, str]]:
         if self._params is not None:
@@ -176,6 +178,10 @@ class StepRecorder:
         self._assembler.remap_rows(old_to_new)
         return remap_rows(items, old_to_new), index
 
+    def _attention_fact(self) -> dict[str, Any]:
+        note = self.attention_note() if self.attention_note is not None else None
+        return {"attention": note} if note and (note.get("modules") or note.get("outside")) else {}
+
     def _write_table(self, final: bool = True) -> None:
         """Write the layer table (rows in model order) and the model summary, once (and once provisionally)."""
         self.table_written = self.table_written or final
@@ -187,5 +193,6 @@ class StepRecorder:
             has_optimizer=self.optimizer is not None,
             extra={**({"loss_tags": list(self.loss_tags)} if self.loss_tags is not None else {}),
                    **run_facts.facts(self.optimizer, self.output_width),
-                   **({"blocks": self.blocks} if self.blocks else {})},
+                   **({"blocks": self.blocks} if self.blocks else {}),
+                   **self._attention_fact()},
         ))

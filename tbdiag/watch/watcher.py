@@ -139,6 +139,9 @@ class Watcher:
         self.block_tap = BlockTap(self.shield.guard)  # repeated blocks and MoE routers (tbdiag.watch.block_tap)
         self.recorder = StepRecorder(writer, optimizer, log_every, grad_scaler=grad_scaler, scalars=scalars,
                                      loss_tags=loss_tags, warn_once=self._warn_once)
+        compiled = type(model).__name__ == "OptimizedModule" or any(
+            getattr(m, "_compiled_call_impl", None) is not None for m in self.model.modules())  # model.compile()
+        self.recorder.attention_note = lambda: self.tap.attention.seen_note(self.layers, compiled)
         self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
         self.timer = StepTimer()  # the perf/* scalars (tbdiag.watch.timing)
         self.inputs = InputWatch(self.model)  # the batch's scale and labelled padding (tbdiag.watch.input_watch)
