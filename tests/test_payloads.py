@@ -136,7 +136,10 @@ def test_nan_values_are_told_apart_from_not_measured(view):
     data.stats[7, 2, C["grad_nonfinite"]] = 12  # NaN gradients: the norm is NaN, a value
     mask = payloads.nan_values(data.stats)
     assert not mask[5, 1, C["grad_norm"]] and mask[7, 2, C["grad_norm"]]
-    assert mask.sum() == 2  # and the head's NaN activation mean
+    # and the head's NaN activation mean and its dead units over 3 batches (NaN there, its output NaN)
+    assert mask.sum() == 3 and mask[-1, 3, C["dead_persist_frac"]]
+    data.table.layers[3].activation = ""  # nothing consumes the head's output: no dead units to be NaN
+    assert payloads.nan_values(data.stats, payloads.applicable(data)).sum() == 2
     assert payloads.json_cells(np.array([1.0, np.nan, np.nan, np.inf]), np.array([0, 1, 0, 0], bool)) == [
         1.0, "NaN", None, "Infinity"]
 
@@ -198,7 +201,7 @@ def test_rules_payload_serves_every_fact_the_tab_shows():
     assert body["statistics"][0] == {"name": "act_mean", "meaning": "mean of the layer's output over the batch",
                                      "label": "activation mean", "short": "act mean", "scale": "linear",
                                      "chart": "with_finding", "key_column": None,
-                                     "nonfinite_count": "act_nonfinite"}
+                                     "nonfinite_count": "act_nonfinite", "consumed_by": ""}
     assert body["key_stats"] == list(statistics.KEY_STATS) and body["heatmap_default"] in schema.COLUMNS
     by_name = {r["name"]: r for r in body["rules"]}
     assert by_name["dead_relu"]["threshold"] == 0.7
