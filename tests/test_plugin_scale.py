@@ -243,6 +243,27 @@ def test_six_gpt2_runs_read_without_hovering(chromium, gpt2_six, size):
     r, g, b = dead_canvas.evaluate(PIXEL, chip)
     assert r > 180 and g < 110 and b < 110, f"no warning-red flag mark left of {DEAD_LAYER}: {(r, g, b)}"
 
+    # ---- exactly 0 on a log scale (the dead layer passes back no gradient): black, not the ramp's minimum
+    _, dead_matrix, _ = heatmap_data(tb, DEAD_RUN, "grad_norm")
+    assert (dead_matrix[heat["layers"].index(DEAD_LAYER)] == 0).all()
+    for step in (0, steps // 2, steps - 1):
+        assert tuple(dead_canvas.evaluate(CELL, [rows.index(DEAD_LAYER), step, steps])) == (0, 0, 0)
+    positive = [k for k, name in enumerate(rows) if (dead_matrix[heat["layers"].index(name)] > 0).all()]
+    assert positive and all(tuple(dead_canvas.evaluate(CELL, [k, 0, steps])) != (0, 0, 0) for k in positive)
+    dead_legend = panel_of(frame, DEAD_RUN).locator(".heatmap .legend")
+    assert "exactly 0" in dead_legend.inner_text()
+    assert dead_legend.locator(".swatch.zero").evaluate("(e) => getComputedStyle(e).backgroundColor") == "rgb(0, 0, 0)"
+    box = dead_canvas.bounding_box()
+    x, y = dead_canvas.evaluate("""(c, [row, step, steps]) => {
+        const h = Number(c.dataset.rowHeight), g = Number(c.dataset.gutter), w = c.clientWidth - g - 4;
+        return [g + (step + 0.5) * w / steps, (row + 0.5) * h];
+    }""", [rows.index(DEAD_LAYER), steps // 2, steps])
+    page.mouse.move(box["x"] + x, box["y"] + y)
+    tip = panel_of(frame, DEAD_RUN).locator(".heatmap .tip")
+    tip.wait_for(state="visible", timeout=5_000)
+    assert f"{DEAD_LAYER} · step" in tip.inner_text() and "gradient L2 norm 0 ·" in tip.inner_text(), tip.inner_text()
+    page.mouse.move(5, 5)
+
     # ---- one colour scale: the same value is the same colour in every panel
     healthy = {run: heatmap_data(tb, run, "grad_norm")[1] for run in HEALTHY_RUNS[:2]}
     a, b = (healthy[run] for run in HEALTHY_RUNS[:2])
