@@ -10,6 +10,7 @@
 // model are read together.  The y axis is logarithmic when a positive loss
 // spans more than two decades (a blow-up would flatten a linear one); NaN and
 // Inf are magenta ticks at the top edge, as in every chart of the tab.
+// A link opens TensorBoard's own Time Series with the curves pinned at the top.
 // `attachLoss(panel)` puts the strip under the panel's banner and ties it to
 // the panel's load and dispose.
 
@@ -18,6 +19,7 @@ import {severityColour} from './colour.js';
 import {el} from './dom.js';
 import {flagTooltip, fmt, fmtInt, measured, num} from './format.js';
 import {Requests} from './requests.js';
+import {severityRank} from './state.js';
 
 const ROLE_COLOURS = {training: '#1565c0', validation: '#ef6c00'};
 const NAN_COLOUR = '#ff00ff';  // style.css's .swatch.inf
@@ -25,6 +27,18 @@ const HEIGHT = 150;            // CSS px
 const LABEL_FONT = 'bold 10px sans-serif';
 
 function roleColour(role) { return ROLE_COLOURS[role] || '#455a64'; }
+
+/**
+ * TensorBoard's Time Series tab with these loss tags pinned: its `pinnedCards` URL parameter puts them in
+ * the Pinned section at the top, above the groups of cards it sorts by tag name (a GPT-2 sweep's thousands of
+ * activations/, grads/ and params/ histogram cards come before train/).  Null outside TensorBoard's page.
+ */
+export function timeSeriesURL(tags) {
+  let top;
+  try { top = window.parent.location; } catch (err) { return null; }  // not TensorBoard's own page
+  const pins = JSON.stringify(tags.map((tag) => ({plugin: 'scalars', tag})));
+  return `${top.origin}${top.pathname}?pinnedCards=${encodeURIComponent(pins)}#timeseries`;
+}
 
 /** The y scale of the curves: log when every finite value is positive and they span more than two decades. */
 function lossScale(series) {
@@ -61,7 +75,7 @@ export function drawLoss(canvas, series, marks) {
   ctx.save();
   ctx.globalAlpha = 0.13;
   for (const m of marks) {
-    if (m.where !== 'model') continue;
+    if (m.where !== 'model' || severityRank(m.severity) <= 0) continue;  // the least severe: line and word only
     ctx.fillStyle = severityColour(m.severity);
     for (const [a, b] of m.spans) ctx.fillRect(X(a), pad.t, Math.max(3, X(b) - X(a)), ph);
   }
@@ -167,6 +181,12 @@ class LossStrip {
           ` ${s.tag}${s.role === 'validation' ? ' (validation)' : ''}`));
     }
     title.append(key);
+    const url = timeSeriesURL(body.series.map((s) => s.tag));
+    if (url) {
+      title.append(el('a', {class: 'timeseries-link', href: url, target: '_top',
+        title: 'TensorBoard\'s Time Series with these curves pinned at the top, above the histogram cards',
+        text: 'pinned in Time Series ↗'}));
+    }
     const chips = el('div', {class: 'loss-marks'});
     for (const m of body.marks) {
       const where = m.where === 'layers' ? ` in ${m.layers.length === 1 ? m.layers[0] : `${m.layers.length} layers`}` : '';
