@@ -385,7 +385,7 @@ def test_the_loss_is_pinned_above_the_histogram_cards_in_time_series(chromium, g
     """TensorBoard's Time Series sorts its card groups by tag name: activations/, grads/ and params/ (one
     histogram card per tag and run, 2,244 on this sweep) all come before train/loss.  The tab's link opens it
     with the run's loss curves pinned (TensorBoard's own ``pinnedCards`` URL parameter): the loss is the first
-    card, at the top of the page."""
+    card, at the top of the page.  Without the link, Time Series' tag filter and its saved pins do it."""
     tb = gpt2_six
     page, frame, watch = open_tab(chromium, tb.url, width=1440, height=900)
     link = panel_of(frame, NAN_RUN).locator(".loss-strip a.timeseries-link")
