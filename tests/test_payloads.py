@@ -214,3 +214,35 @@ def test_runs_payload_and_json_values():
     assert body == {"runs": [{"run": "a", "last_step": 5}, {"run": "b", "last_step": 3}]}
     assert payloads.json_values(np.array([1.0, np.nan, np.inf, -np.inf], np.float32)) == [
         1.0, "NaN", "Infinity", "-Infinity"]
+
+
+def test_loss_marks_come_from_the_findings_list_alone():
+    """Model-level findings each with their spans; layer findings once per kind at their first step, naming the
+    layers; explained and least-severe layer findings left out; a kind no rule declares is marked too."""
+    from tb_plugin.loss_payload import loss_payload, marks
+
+    data = recovering_run()
+    data.losses = {"train/loss": (np.arange(120), np.linspace(2.0, 1.0, 120)),
+                   "val/loss": (np.arange(0, 120, 10), np.linspace(2.0, 1.2, 12))}
+    found = evaluator.evaluate(data)
+    spike = rules.Finding(run="recovering", layer=None, issue="gradient_spike", severity="warning", first_step=50,
+                          last_step=50, value=9.0, message="gradient norm jumped 9x", spans=((50, 50),))
+    late_dead = rules.Finding(run="recovering", layer="block2", issue="dead_relu", severity="warning", first_step=60,
+                              last_step=80, value=1.0, message="block2: dead")
+    explained = rules.Finding(run="recovering", layer="stem", issue="no_gradient", severity="info", first_step=10,
+                              last_step=80, value=0.0, message="stem: no gradient", explained_by="dead_relu:block1")
+    out = strict(marks([*found, spike, late_dead, explained]))
+    by_issue = {m["issue"]: m for m in out}
+    dead = by_issue["dead_relu"]
+    assert (dead["where"], dead["first_step"], dead["layers"], dead["word"]) == ("layers", 30, ["block1", "block2"],
+                                                                                  "dead")
+    assert "2 layers: block1, block2" in dead["message"]
+    assert by_issue["gradient_spike"]["where"] == "model" and by_issue["gradient_spike"]["spans"] == [[50, 50]]
+    assert by_issue["gradient_spike"]["word"] == "gradient_spike"  # no rule declares it (yet): its own name
+    assert "no_gradient" not in by_issue
+    assert [m["first_step"] for m in out] == sorted(m["first_step"] for m in out)
+    body = strict(loss_payload(RunView(data=data, findings=found, version=1, memo={})))
+    assert [(s["tag"], s["role"]) for s in body["series"]] == [("train/loss", "training"), ("val/loss", "validation")]
+    data.table.extra["val_tags"] = []  # the writer said: no validation curves
+    body = strict(loss_payload(RunView(data=data, findings=found, version=1, memo={})))
+    assert [s["role"] for s in body["series"]] == ["training", "training"]

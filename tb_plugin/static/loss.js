@@ -35,7 +35,8 @@ function roleColour(role) { return ROLE_COLOURS[role] || '#455a64'; }
  */
 export function timeSeriesURL(tags) {
   let top;
-  try { top = window.parent.location; } catch (err) { return null; }  // not TensorBoard's own page
+  if (window.parent === window) return null;  // opened on its own, not in TensorBoard's page
+  try { top = window.parent.location; } catch (err) { return null; }  // another origin's page
   const pins = JSON.stringify(tags.map((tag) => ({plugin: 'scalars', tag})));
   return `${top.origin}${top.pathname}?pinnedCards=${encodeURIComponent(pins)}#timeseries`;
 }
