@@ -29,6 +29,7 @@ from tbdiag.contract import schema
 
 from . import payloads, query
 from .evaluation_payload import evaluation_payload
+from .loss_payload import loss_payload
 from .run_source import RunSource, UnknownRunError, thresholds_key
 from .throughput_payload import throughput_payload
 
@@ -133,6 +134,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "/heatmap": self.heatmap_route,
             "/throughput": self.throughput_route,
             "/evaluation": self.evaluation_route,
+            "/losses": self.losses_route,
         }
 
     def is_active(self) -> bool:
@@ -205,6 +207,11 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     @_json_route
     def throughput_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
         return self._run_payload(ctx, experiment, args, throughput_payload)
+
+    @_json_route
+    def losses_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        run = query.required(args, "run")
+        return loss_payload(self._source.view(ctx, experiment, run, query.thresholds(args)))
 
     def _run_payload(self, ctx: Any, experiment: str, args: Any, payload) -> dict[str, Any]:
         """A section's payload for ``?run=R[&threshold=...]``: the run's view and the resolved rules."""

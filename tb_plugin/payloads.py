@@ -52,18 +52,30 @@ _COUNTED_BY: tuple[tuple[int, int], ...] = tuple(
 )
 
 
-def nan_values(stats: np.ndarray) -> np.ndarray:
+def nan_values(stats: np.ndarray, applies: np.ndarray | None = None) -> np.ndarray:
     """Which NaN cells of ``stats`` (``[..., columns]``, columns in schema order) are measured NaN values.
 
     A NaN where the layer counted NaN/Inf in what the statistic is computed
     from (its output for the activation statistics, its gradients, its
     weights) is the value NaN; every other NaN means "not measured".
+    ``applies`` (`applicable`, broadcast against ``stats``) leaves out layers a
+    statistic is never measured on: a LayerNorm's NaN output has no dead units.
     """
     mask = np.zeros(stats.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
         for c, k in _COUNTED_BY:
             mask[..., c] = np.isnan(stats[..., c]) & (stats[..., k] > 0)
-    return mask
+    return mask if applies is None else mask & applies
+
+
+def applicable(data: RunData) -> np.ndarray:
+    """``[layers, columns]``: whether each statistic is measured on each layer at all (`statistics.applies_to`)."""
+    out = np.ones((len(data.table.layers), len(schema.COLUMNS)), dtype=bool)
+    for c, name in enumerate(schema.COLUMNS):
+        st = statistics.statistic(name)
+        if st.consumed_by:
+            out[:, c] = [statistics.applies_to(st, info.activation) for info in data.table.layers]
+    return out
 
 
 def json_cells(values: np.ndarray, nan_is_value: np.ndarray) -> list[Any]:
@@ -178,13 +190,14 @@ def _measured(view: RunView) -> np.ndarray:
     if "measured" not in view.memo:
         stats = view.data.stats
         counted = {c: k for c, k in _COUNTED_BY}
+        applies = applicable(view.data)
         measured = []
         for c in range(len(schema.COLUMNS)):
             column = stats[:, :, c]
             seen = bool((~np.isnan(column)).any())
             if not seen and c in counted:
                 with np.errstate(invalid="ignore"):
-                    seen = bool((stats[:, :, counted[c]] > 0).any())
+                    seen = bool((stats[:, applies[:, c], counted[c]] > 0).any())
             measured.append(seen)
         view.memo["measured"] = np.array(measured, dtype=bool)
     return view.memo["measured"]
@@ -197,7 +210,7 @@ def layers_payload(view: RunView, step: int | None) -> dict[str, Any]:
     at = int(data.steps[t])
     flags = _flags_by_layer(findings)
     stats_now = data.stats[t]  # [layers, columns]
-    nan_now = nan_values(stats_now)  # NaN cells that are values, not "not measured"
+    nan_now = nan_values(stats_now, applicable(data))  # NaN cells that are values, not "not measured"
     has_data = _measured(view)  # columns measured at all in this run
     rows = []
     for i, info in enumerate(data.table.layers):
@@ -235,7 +248,7 @@ def series_payload(
     info = data.table.layers[i]
     names = list(stats) if stats else list(schema.COLUMNS)
     own = data.stats[:, i, :]  # [steps, columns]
-    nan = nan_values(own)
+    nan = nan_values(own, applicable(data)[i])
     series = {c: json_cells(own[:, schema.COLUMN_INDEX[c]], nan[:, schema.COLUMN_INDEX[c]]) for c in names}
     return {
         "run": data.name,
@@ -267,8 +280,8 @@ def heatmap_payload(view: RunView, stat: str) -> dict[str, Any]:
     matrix = np.ascontiguousarray(data.stats[:, :, c].T, dtype="<f4")  # [layers, steps]
     count = dict(_COUNTED_BY).get(c)
     with np.errstate(invalid="ignore"):
-        nan_cells = (np.isnan(matrix) & (data.stats[:, :, count].T > 0)) if count is not None \
-            else np.zeros(matrix.shape, dtype=bool)
+        nan_cells = (np.isnan(matrix) & (data.stats[:, :, count].T > 0) & applicable(data)[:, c, None]) \
+            if count is not None else np.zeros(matrix.shape, dtype=bool)
     finite = matrix[np.isfinite(matrix)]
     described = statistics.statistic(stat)
     if described.scale == "log":

@@ -429,3 +429,59 @@ def test_dead_relu_message_names_the_activation():
     run.table.layers[1].activation = "newkind"  # a kind this version does not know: shown as it is
     assert "of its newkind units" in _found(run, ("dead_relu",))[("dead_relu", "l1")].message
 
+
+
+# ----------------------------------------------------------------- after a NaN blow-up
+
+
+def test_a_nan_output_is_not_a_unit_that_fired():
+    x = torch.tensor([[float("nan"), -1.0, 2.0], [float("nan"), -2.0, -1.0]])
+    assert stats.dead_units(x, 1).tolist() == [True, True, False]
+    assert stats.dead_units_rows(torch.stack([x, x.nan_to_num()]), 1).tolist() == [[True, True, False],
+                                                                                   [True, True, False]]
+
+
+def test_dead_fractions_after_a_nan_blow_up_are_nan_not_zero(tmp_path):
+    """A real run: one weight of the middle Linear turns NaN at step 10, and from there every output is NaN.
+
+    Before, a NaN output counted as firing and the dead fraction read 0% on a
+    run that was lost; now it is the value NaN (the output's NaN count says
+    so, and the tab prints "NaN", not "not measured"), no dead_relu comes out
+    of it, and the nonfinite finding names where it began.
+    """
+    from tb_plugin import payloads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=2, log_graph=False)
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(20, 10, generator=g)
+    for step in range(20):
+        if step == 10:
+            with torch.no_grad():
+                model[2].weight[0, 0] = float("nan")
+        x = torch.randn(64, 20, generator=g)
+        loss = F.cross_entropy(model(x), (x @ teacher).argmax(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        writer.add_scalar("train/loss", loss.item(), step)
+    writer.close()
+    (run,) = load_logdir(str(tmp_path))
+    layer = run.layer_names.index("2")
+    dead = run.column("dead_frac")[:, layer]
+    blown = run.steps >= 10
+    assert np.isfinite(dead[~blown]).all() and (dead[~blown] < 0.5).all(), dead
+    assert np.isnan(dead[blown]).all(), f"a NaN output read as {dead[blown]} dead"
+    assert np.isnan(run.column("dead_persist_frac")[blown, layer]).all()
+    assert (run.column("act_nonfinite")[blown, layer] > 0).all()
+    # the tab's cells: the value NaN, not "not measured"
+    nan = payloads.nan_values(run.stats[:, layer, :])
+    cells = payloads.json_cells(run.stats[:, layer, C["dead_frac"]], nan[:, C["dead_frac"]])
+    assert [c for c, b in zip(cells, blown) if b] == ["NaN"] * int(blown.sum())
+    found = report(str(tmp_path))
+    assert not [f for f in found if f.issue == "dead_relu"], [f.message for f in found]
+    # (written between step 9's update and step 10's forward: the sentinel names step 9's weights)
+    assert any(f.issue == "nonfinite" and f.first_step in (9, 10) for f in found), [f.message for f in found]

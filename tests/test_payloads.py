@@ -136,7 +136,10 @@ def test_nan_values_are_told_apart_from_not_measured(view):
     data.stats[7, 2, C["grad_nonfinite"]] = 12  # NaN gradients: the norm is NaN, a value
     mask = payloads.nan_values(data.stats)
     assert not mask[5, 1, C["grad_norm"]] and mask[7, 2, C["grad_norm"]]
-    assert mask.sum() == 2  # and the head's NaN activation mean
+    # and the head's NaN activation mean and its dead units over 3 batches (NaN there, its output NaN)
+    assert mask.sum() == 3 and mask[-1, 3, C["dead_persist_frac"]]
+    data.table.layers[3].activation = ""  # nothing consumes the head's output: no dead units to be NaN
+    assert payloads.nan_values(data.stats, payloads.applicable(data)).sum() == 2
     assert payloads.json_cells(np.array([1.0, np.nan, np.nan, np.inf]), np.array([0, 1, 0, 0], bool)) == [
         1.0, "NaN", None, "Infinity"]
 
@@ -198,7 +201,7 @@ def test_rules_payload_serves_every_fact_the_tab_shows():
     assert body["statistics"][0] == {"name": "act_mean", "meaning": "mean of the layer's output over the batch",
                                      "label": "activation mean", "short": "act mean", "scale": "linear",
                                      "chart": "with_finding", "key_column": None,
-                                     "nonfinite_count": "act_nonfinite"}
+                                     "nonfinite_count": "act_nonfinite", "consumed_by": ""}
     assert body["key_stats"] == list(statistics.KEY_STATS) and body["heatmap_default"] in schema.COLUMNS
     by_name = {r["name"]: r for r in body["rules"]}
     assert by_name["dead_relu"]["threshold"] == 0.7
@@ -211,3 +214,35 @@ def test_runs_payload_and_json_values():
     assert body == {"runs": [{"run": "a", "last_step": 5}, {"run": "b", "last_step": 3}]}
     assert payloads.json_values(np.array([1.0, np.nan, np.inf, -np.inf], np.float32)) == [
         1.0, "NaN", "Infinity", "-Infinity"]
+
+
+def test_loss_marks_come_from_the_findings_list_alone():
+    """Model-level findings each with their spans; layer findings once per kind at their first step, naming the
+    layers; explained and least-severe layer findings left out; a kind no rule declares is marked too."""
+    from tb_plugin.loss_payload import loss_payload, marks
+
+    data = recovering_run()
+    data.losses = {"train/loss": (np.arange(120), np.linspace(2.0, 1.0, 120)),
+                   "val/loss": (np.arange(0, 120, 10), np.linspace(2.0, 1.2, 12))}
+    found = evaluator.evaluate(data)
+    spike = rules.Finding(run="recovering", layer=None, issue="gradient_spike", severity="warning", first_step=50,
+                          last_step=50, value=9.0, message="gradient norm jumped 9x", spans=((50, 50),))
+    late_dead = rules.Finding(run="recovering", layer="block2", issue="dead_relu", severity="warning", first_step=60,
+                              last_step=80, value=1.0, message="block2: dead")
+    explained = rules.Finding(run="recovering", layer="stem", issue="no_gradient", severity="info", first_step=10,
+                              last_step=80, value=0.0, message="stem: no gradient", explained_by="dead_relu:block1")
+    out = strict(marks([*found, spike, late_dead, explained]))
+    by_issue = {m["issue"]: m for m in out}
+    dead = by_issue["dead_relu"]
+    assert (dead["where"], dead["first_step"], dead["layers"], dead["word"]) == ("layers", 30, ["block1", "block2"],
+                                                                                  "dead")
+    assert "2 layers: block1, block2" in dead["message"]
+    assert by_issue["gradient_spike"]["where"] == "model" and by_issue["gradient_spike"]["spans"] == [[50, 50]]
+    assert by_issue["gradient_spike"]["word"] == "gradient_spike"  # no rule declares it (yet): its own name
+    assert "no_gradient" not in by_issue
+    assert [m["first_step"] for m in out] == sorted(m["first_step"] for m in out)
+    body = strict(loss_payload(RunView(data=data, findings=found, version=1, memo={})))
+    assert [(s["tag"], s["role"]) for s in body["series"]] == [("train/loss", "training"), ("val/loss", "validation")]
+    data.table.extra["val_tags"] = []  # the writer said: no validation curves
+    body = strict(loss_payload(RunView(data=data, findings=found, version=1, memo={})))
+    assert [s["role"] for s in body["series"]] == ["training", "training"]

@@ -10,6 +10,7 @@ The screenshots it takes are the ones in the README and docs
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 
@@ -197,6 +198,94 @@ def test_html_in_layer_and_run_names_is_shown_as_text(browser, tmp_path_factory)
 
 
 # ------------------------------------------------------------ runs side by side
+
+
+SCREENSHOT_LOSS = os.path.join(DOCS, "diagnostics-loss-and-rules.png")
+
+
+def test_the_loss_strip_marks_findings_and_every_rule_setting_is_editable(browser, trained):
+    logdir, workdir = trained
+    with h.TensorBoardProcess(logdir, load_fast=False, workdir=workdir) as tb:
+        tb.wait_for("/data/plugin/tbdiag/findings?run=sick", lambda status, body: status == 200 and body["steps"] == {
+            "count": 20, "first": 0, "last": 38})
+        page, frame, watch = open_tab(browser, tb.url, width=1440, height=900)
+        select_only(frame, "sick")
+        panel = frame.locator("section.panel[data-run='sick']")
+
+        # ---- the loss under the banner, the layer that died marked at its step, with its word and tooltip
+        strip = panel.locator(".loss-strip")
+        chart = strip.locator("canvas.loss-chart")
+        chart.wait_for(timeout=10_000)
+        assert strip.evaluate("(e) => e.previousElementSibling.classList.contains('banner')")
+        assert "train/loss" in strip.locator(".section-title").inner_text()
+        marks = json.loads(chart.get_attribute("data-marks"))
+        assert {"issue": "dead_relu", "step": h.DEAD_FROM} in [{k: m[k] for k in ("issue", "step")} for m in marks]
+        chip = strip.locator(".loss-marks .flag[data-issue='dead_relu']")
+        assert chip.inner_text() == f"dead in {h.DEAD_LAYER} · step {h.DEAD_FROM}"
+        assert "100% of its ReLU units never fire" in chip.get_attribute("title")
+        assert "sev-warning" in chip.get_attribute("class")
+        # the mark is drawn: a dashed warning-red line at the step's x, its word in a red box above the frame
+        x = next(m["x"] for m in marks if m["issue"] == "dead_relu")
+        red = chart.evaluate("""(c, x) => {
+            const dpr = c.width / c.clientWidth, d = c.getContext('2d').getImageData(
+                Math.round((x - 1) * dpr), 0, Math.round(3 * dpr), c.height).data;
+            let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 190 && d[i + 1] < 100 && d[i + 2] < 100) n++;
+            return n;
+        }""", x)
+        assert red > 40, red
+        blue = chart.evaluate("""(c) => {
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+            for (let i = 0; i < d.length; i += 4) if (d[i] < 60 && d[i + 1] < 130 && d[i + 2] > 160) n++;
+            return n;
+        }""")
+        assert blue > 100, "the loss curve is not drawn"
+        # hovering the mark's step names it
+        box = chart.bounding_box()
+        page.mouse.move(box["x"] + x, box["y"] + box["height"] / 2)
+        tip = strip.locator(".tip")
+        tip.wait_for(state="visible", timeout=5_000)
+        assert f"step {h.DEAD_FROM}" in tip.inner_text() and "dead:" in tip.inner_text(), tip.inner_text()
+
+        # ---- Rules & thresholds: threshold, persistence and every param have an input
+        frame.locator("details.thresholds summary").click()
+        settings = frame.locator("details.thresholds input.thr-input")
+        keys = settings.evaluate_all("(els) => els.map((e) => e.dataset.setting)")
+        for key in ("dead_relu", "dead_relu.persistence", "vanishing_gradient.absolute", "vanishing_gradient.update",
+                    "loss_spike.history", "loss_spike.z", "input_bound.warning", "neglected_class.min_support"):
+            assert key in keys, key
+        # a bad value: the server's reason next to the input, nothing applied
+        persistence = frame.locator("input[data-setting='loss_spike.persistence']")
+        persistence.fill("2.5")
+        persistence.press("Enter")
+        error = persistence.locator("xpath=following-sibling::div[contains(@class, 'thr-error')]")
+        error.wait_for(state="visible", timeout=10_000)
+        assert "whole number" in error.inner_text() and "invalid" in persistence.get_attribute("class")
+        assert frame.locator("body").evaluate("() => document.querySelectorAll('input.thr-input.edited').length") == 0
+        # a param edit reaches the charts' threshold lines: vanishing_gradient.absolute on conv2's gradient RMS
+        panel.locator(f"tr.layer-row[data-layer='{h.DEAD_LAYER}']").click()
+        drill = panel.locator(".drill")
+        drill.locator("canvas.chart[data-stat='grad_rms']").wait_for(timeout=10_000)
+        assert "vanishing_gradient (absolute) = 1.0e-7" in drill.inner_text()
+        absolute = frame.locator("input[data-setting='vanishing_gradient.absolute']")
+        absolute.fill("0.002")
+        absolute.press("Enter")
+        drill.get_by_text("vanishing_gradient (absolute) = 0.00200").wait_for(timeout=15_000)
+        assert "edited" in frame.locator("input[data-setting='vanishing_gradient.absolute']").get_attribute("class")
+        frame.locator("details.thresholds summary").click()  # closed again: the picture shows the run
+        page.mouse.move(5, 5)
+        page.wait_for_timeout(300)
+        page.screenshot(path=SCREENSHOT_LOSS)
+        frame.locator("details.thresholds summary").click()
+        # a threshold edit reaches the loss marks: conv2 at 100% dead is silent above 100%
+        dead = frame.locator("input[data-setting='dead_relu']")
+        dead.fill("1.01")
+        dead.press("Enter")
+        strip.locator(".loss-marks .flag[data-issue='dead_relu']").wait_for(state="detached", timeout=15_000)
+        assert "2 setting(s) differ from the defaults" in frame.locator(".rules-head").inner_text()
+        frame.locator("button.reset").click()
+        strip.locator(".loss-marks .flag[data-issue='dead_relu']").wait_for(timeout=15_000)
+        assert watch.errors == [] and watch.dialogs == []
+        page.close()
 
 
 def select_runs(frame, runs: list[str]) -> None:

@@ -218,10 +218,63 @@ def test_rules_table_and_threshold_overrides(client):
     ("/heatmap?run=sick", "missing required query parameter 'stat'"),
     ("/heatmap?run=sick&stat=bogus", "unknown statistic"),
     ("/rules?threshold=frozen_layer.bogus=1", "unknown setting"),
+    ("/rules?threshold=loss_spike.persistence=2.5", "whole number"),
+    ("/rules?threshold=vanishing_gradient.update=1e400", "finite"),
+    ("/losses", "missing required query parameter 'run'"),
+    ("/losses?run=nope", "no tbdiag data for run 'nope'"),
+    ("/losses?run=sick&threshold=loss_spike.history=abc", "must be a number"),
+    ("/losses?run=sick&threshold=loss_spike.bogus=1", "loss_spike.history"),
 ])
 def test_bad_parameters_answer_400_with_a_reason(client, url, words):
     body = get(client, P + url, status=400)
     assert words in body["error"]
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_losses_are_the_scalars_the_loss_rules_read_with_the_findings_marked(client, logdir):
+    run = next(r for r in load_logdir(logdir) if r.name == "sick")
+    body = get(client, P + "/losses?run=sick")
+    (series,) = body["series"]
+    assert series["tag"] == "train/loss" and series["role"] == "training"
+    assert series["steps"] == run.losses["train/loss"][0].tolist() == list(range(40))
+    assert series["values"] == pytest.approx(run.losses["train/loss"][1].tolist())
+    # a layer finding is marked once, at the step the layer died, naming it; model-level ones with their spans
+    marks = {m["issue"]: m for m in body["marks"]}
+    dead = marks["dead_relu"]
+    assert (dead["where"], dead["first_step"], dead["layers"], dead["word"]) == ("layers", h.DEAD_FROM, ["conv2"], "dead")
+    assert dead["severity"] == "warning" and dead["advice"]
+    findings = get(client, P + "/findings?run=sick")["findings"]
+    model_level = [f for f in findings if f["layer"] is None]
+    assert model_level and all(marks[f["issue"]]["where"] == "model" and marks[f["issue"]]["spans"] for f in model_level)
+    assert [m["first_step"] for m in body["marks"]] == sorted(m["first_step"] for m in body["marks"])
+    # explained and info layer findings are not marked: only what the chart should tell
+    assert "no_gradient" not in marks and "vanishing_gradient" not in marks
+    # a threshold edit reaches the marks: conv2 at 100% dead is silent above 100%
+    quiet = get(client, P + "/losses?run=sick&threshold=dead_relu%3D1.01")
+    assert "dead_relu" not in {m["issue"] for m in quiet["marks"]}
+    assert all(m["severity"] == "info" for m in get(client, P + "/losses?run=healthy")["marks"])
+
+
+def test_validation_loss_is_served_and_overfitting_is_marked_on_it(tmp_path):
+    """A real training run (falling train/loss) with a validation curve that turns up after step 15."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = str(tmp_path / "overfit")
+    h.train_run(run_dir, dead=False, seed=1)
+    val = [2.2, 1.9, 1.7, 1.55, 1.6, 1.8, 2.0, 2.25]  # every 5 steps: best at step 15, then 45% above it
+    with SummaryWriter(run_dir) as w:
+        for i, v in enumerate(val):
+            w.add_scalar("val/loss", v, 5 * i)
+    client = Client(h.wsgi_app(str(tmp_path))[0])
+    body = get(client, P + "/losses?run=overfit")
+    assert [(s["tag"], s["role"]) for s in body["series"]] == [("train/loss", "training"), ("val/loss", "validation")]
+    assert body["series"][1]["steps"] == list(range(0, 40, 5)) and body["series"][1]["values"] == pytest.approx(val)
+    (over,) = [m for m in body["marks"] if m["issue"] == "overfitting"]
+    assert over["where"] == "model" and over["word"] == "overfitting" and over["severity"] == "warning"
+    assert over["spans"][0][0] >= 15 and over["spans"][-1][1] == 35, over
+    assert "val/loss" in over["message"]
 
 
 # ---------------------------------------------------------- NaN / Inf / cache

@@ -19,6 +19,7 @@ import base64
 import json
 import math
 import os
+import re
 import time
 import urllib.parse
 import warnings
@@ -244,6 +245,26 @@ def test_six_gpt2_runs_read_without_hovering(chromium, gpt2_six, size):
     r, g, b = dead_canvas.evaluate(PIXEL, chip)
     assert r > 180 and g < 110 and b < 110, f"no warning-red flag mark left of {DEAD_LAYER}: {(r, g, b)}"
 
+    # ---- exactly 0 on a log scale (the dead layer passes back no gradient): black, not the ramp's minimum
+    _, dead_matrix, _ = heatmap_data(tb, DEAD_RUN, "grad_norm")
+    assert (dead_matrix[heat["layers"].index(DEAD_LAYER)] == 0).all()
+    for step in (0, steps // 2, steps - 1):
+        assert tuple(dead_canvas.evaluate(CELL, [rows.index(DEAD_LAYER), step, steps])) == (0, 0, 0)
+    positive = [k for k, name in enumerate(rows) if (dead_matrix[heat["layers"].index(name)] > 0).all()]
+    assert positive and all(tuple(dead_canvas.evaluate(CELL, [k, 0, steps])) != (0, 0, 0) for k in positive)
+    dead_legend = panel_of(frame, DEAD_RUN).locator(".heatmap .legend")
+    assert "exactly 0" in dead_legend.inner_text()
+    assert dead_legend.locator(".swatch.zero").evaluate("(e) => getComputedStyle(e).backgroundColor") == "rgb(0, 0, 0)"
+    x, y = dead_canvas.evaluate("""(c, [row, step, steps]) => {
+        const h = Number(c.dataset.rowHeight), g = Number(c.dataset.gutter), w = c.clientWidth - g - 4;
+        return [g + (step + 0.5) * w / steps, (row + 0.5) * h];
+    }""", [rows.index(DEAD_LAYER), steps // 2, steps])
+    dead_canvas.hover(position={"x": x, "y": y})  # scrolled into view first: the panel may be below the fold
+    tip = panel_of(frame, DEAD_RUN).locator(".heatmap .tip")
+    tip.wait_for(state="visible", timeout=5_000)
+    assert f"{DEAD_LAYER} · step" in tip.inner_text() and "gradient L2 norm 0 ·" in tip.inner_text(), tip.inner_text()
+    page.mouse.move(5, 5)
+
     # ---- one colour scale: the same value is the same colour in every panel
     healthy = {run: heatmap_data(tb, run, "grad_norm")[1] for run in HEALTHY_RUNS[:2]}
     a, b = (healthy[run] for run in HEALTHY_RUNS[:2])
@@ -357,5 +378,58 @@ def test_drilldown_charts_are_scaled_to_their_data(chromium, gpt2_six):
         return n;
     }""")
     assert magenta > 20
+    assert watch.errors == [] and watch.dialogs == []
+    page.close()
+
+
+def test_the_loss_is_pinned_above_the_histogram_cards_in_time_series(chromium, gpt2_six):
+    """TensorBoard's Time Series sorts its card groups by tag name: activations/, grads/ and params/ (one
+    histogram card per tag and run, 2,244 on this sweep) all come before train/loss.  The tab's link opens it
+    with the run's loss curves pinned (TensorBoard's own ``pinnedCards`` URL parameter): the loss is the first
+    card, at the top of the page.  Without the link, Time Series' tag filter and its saved pins do it."""
+    tb = gpt2_six
+    page, frame, watch = open_tab(chromium, tb.url, width=1440, height=900)
+    link = panel_of(frame, NAN_RUN).locator(".loss-strip a.timeseries-link")
+    link.wait_for(timeout=15_000)
+    href = link.get_attribute("href")
+    assert href.endswith("#timeseries") and json.loads(urllib.parse.unquote(
+        urllib.parse.urlparse(href).query.removeprefix("pinnedCards="))) == [{"plugin": "scalars", "tag": "train/loss"}]
+    link.click()
+    page.locator("metrics-card-group-toolbar").first.wait_for(timeout=60_000)
+    # the groups, in TensorBoard's order: the histograms first, the loss's group after them
+    deadline = time.time() + 60
+    while True:
+        # each group's toolbar reads "activations456 cards": its name, then how many cards it holds
+        groups = [" ".join(t.split()) for t in page.locator("metrics-card-group-toolbar").all_inner_texts()]
+        counts = {m.group(1): int(m.group(2)) for m in (re.match(r"^(.*?)\s*(\d+) cards?$", g) for g in groups) if m}
+        if "train" in counts or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    names = list(counts)
+    assert {"activations", "grads", "params", "train"} <= set(names), groups
+    assert names.index("activations") < names.index("train") and names.index("params") < names.index("train"), names
+    histograms = sum(counts[g] for g in ("activations", "grads", "params"))
+    assert histograms == 2244, counts  # 76 activations, 149 parameters x (weights, gradients), x 6 runs
+    pinned = page.locator("metrics-pinned-view scalar-card")
+    pinned.first.wait_for(timeout=30_000)
+    assert pinned.count() == 1 and pinned.first.inner_text().replace("\n", "").startswith("train/loss")
+    box = pinned.first.bounding_box()
+    assert box["y"] + box["height"] <= 900, f"the pinned loss card is not in the first screen: {box}"
+    page.wait_for_timeout(1500)  # the chart's lines drawn
+    page.screenshot(path=os.path.join(DOCS, "timeseries-loss-pinned.png"))
+    # without the link: Time Series' own tag filter finds the loss among the histograms, and a card pinned
+    # there stays pinned (TensorBoard saves scalar pins): plain /#timeseries opens with the loss on top
+    page.goto(tb.url + "/#timeseries")
+    page.reload()
+    page.locator("metrics-tag-filter input").fill("loss")
+    card = page.locator("metrics-filtered-view scalar-card").first
+    card.wait_for(timeout=30_000)
+    assert card.inner_text().replace("\n", "").startswith("train/loss")
+    card.locator("button[title='Pin card']").click()
+    page.goto(tb.url + "/#timeseries")
+    page.reload()
+    pinned = page.locator("metrics-pinned-view scalar-card")
+    pinned.first.wait_for(timeout=30_000)
+    assert pinned.first.inner_text().replace("\n", "").startswith("train/loss")
     assert watch.errors == [] and watch.dialogs == []
     page.close()

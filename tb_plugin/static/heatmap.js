@@ -7,6 +7,9 @@
 // wide as its panel leaves room for (the panel calls `draw` again when that
 // width changes).
 //
+// On a log scale an exact 0 (a layer with no gradient) is painted black, its own legend entry, and
+// the tooltip prints "0": the ramp's minimum would read as "the smallest positive value".
+//
 // Rows never measured for the statistic (a LayerNorm's dead units) are left
 // out and counted in a note.  Every row is tall enough for a label: its name
 // inside its block, the block ("h.6") once at the top of the block, and the
@@ -27,6 +30,9 @@ const GROUP_FONT = 'bold 11px sans-serif';
 const CHIP_FONT = 'bold 9px sans-serif';
 const NAN_RGB = [255, 0, 255];     // style.css's .swatch.inf: NaN and Inf values
 const UNMEASURED_RGB = [225, 225, 225];  // style.css's .swatch.nan: not measured
+// style.css's .swatch.zero: exactly 0 on a log scale (a layer with no gradient), which has no place on the
+// ramp; black, outside viridis, instead of the ramp's minimum that would pass for "smallest positive"
+const ZERO_RGB = [0, 0, 0];
 
 function decodeBytes(text) {
   const bin = atob(text);
@@ -200,16 +206,18 @@ export class Heatmap {
       const base = rows[r] * nSteps;
       for (let x = 0; x < cols; x++) {
         const a = Math.floor((x * nSteps) / cols); const b = Math.max(a + 1, Math.floor(((x + 1) * nSteps) / cols));
-        let agg = useMax ? -Infinity : 0; let n = 0; let nonfinite = false;
+        let agg = useMax ? -Infinity : 0; let n = 0; let zeros = 0; let nonfinite = false;
         for (let s = a; s < b; s++) {
           const v = m[base + s];
           if (Number.isNaN(v)) { if (nan && nan[base + s]) nonfinite = true; continue; }
           if (!Number.isFinite(v)) { nonfinite = true; continue; }
-          if (useMax) { if (v > agg) agg = v; } else { agg += v > 0 ? Math.log10(v) : -30; }
-          n++;
+          if (useMax) { if (v > agg) agg = v; n++; }
+          else if (v === 0) zeros++;  // painted as zero only where every value of the column is 0
+          else { agg += v > 0 ? Math.log10(v) : -30; n++; }
         }
         const o = 4 * (r * cols + x);
         if (nonfinite) { paint(o, NAN_RGB); continue; }
+        if (!n && zeros) { paint(o, ZERO_RGB); continue; }
         if (!n) { paint(o, UNMEASURED_RGB); continue; }
         paint(o, ramp(cs.stops, cs.map(useMax ? agg : 10 ** (agg / n))));
       }
@@ -298,12 +306,13 @@ export class Heatmap {
     this.legend.append(
         el('span', {text: fmt(cs.lo, scale)}), bar, el('span', {text: fmt(cs.hi, scale)}));
     if (runs > 1 && scale !== 'fraction') this.legend.append(el('span', {class: 'muted', text: `one scale for ${runs} runs`}));
+    if (scale === 'log') this.legend.append(el('span', {class: 'swatch zero'}), el('span', {text: 'exactly 0'}));
     this.legend.append(
         el('span', {class: 'swatch nan'}), el('span', {text: 'not measured'}),
         el('span', {class: 'swatch inf'}), el('span', {text: 'NaN/Inf'}));
     if (perPixel > 1) {
       this.legend.append(el('span', {class: 'muted',
-        text: `each pixel column: ${scale === 'log' ? 'geometric mean' : 'max'} of ${perPixel} steps`}));
+        text: `each pixel column: ${scale === 'log' ? 'geometric mean of the non-zero values' : 'max'} of ${perPixel} steps`}));
     }
     this.legend.append(el('span', {class: 'muted', text: 'click a row for its charts'}));
   }

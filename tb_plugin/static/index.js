@@ -11,7 +11,9 @@
 import {el} from './dom.js';
 import {EvaluationSection} from './evaluation.js';
 import {refreshScales} from './heatmap.js';
+import {attachLoss} from './loss.js';
 import {RunPanel} from './panel.js';
+import {RulesPanel} from './rules_panel.js';
 import {attachThroughput} from './throughput.js';
 import {Requests, getJSON} from './requests.js';
 import {primaryStat, severityRank, state} from './state.js';
@@ -54,28 +56,6 @@ function renderRunSelector(host) {
   }
 }
 
-function renderThresholds(host) {
-  const table = el('table', {class: 'rules'});
-  table.append(el('tr', {}, el('th', {text: 'Rule'}), el('th', {text: 'Threshold'}), el('th', {text: 'Steps'}),
-      el('th', {text: 'Severity'}), el('th', {text: 'Measures'}), el('th', {text: 'Source'})));
-  for (const rule of state.meta.rules) {
-    const defaultValue = rule.threshold;
-    const input = el('input', {type: 'number', step: 'any', value: rule.threshold, class: 'thr-input'});
-    input.dataset.rule = rule.name;
-    input.addEventListener('change', async () => {
-      const v = input.value.trim();
-      if (v === '' || Number(v) === defaultValue) delete state.thresholds[rule.name];
-      else state.thresholds[rule.name] = v;
-      await reloadAll();
-    });
-    table.append(el('tr', {title: `${rule.why}\nWhat to try: ${rule.advice}`},
-        el('td', {text: rule.name}), el('td', {}, input), el('td', {text: rule.persistence}),
-        el('td', {text: rule.severity}), el('td', {class: 'small', text: rule.statistic}),
-        el('td', {class: 'small', text: rule.source})));
-  }
-  host.replaceChildren(table);
-}
-
 const PANEL_MIN = 290;  // px: the narrowest a run's panel gets (six side by side in a 1920px window)
 const PANEL_GAP = 14;   // px: style.css's .panels gap
 
@@ -102,6 +82,7 @@ function renderPanels() {
       panel = new RunPanel(state.runs.find((r) => r.run === name));
       state.panels.set(name, panel);
       attachThroughput(panel);  // its load() and dispose() now cover the Throughput strip too
+      attachLoss(panel);  // and the Loss strip, right under the banner
       panel.load();
       panel.evaluation = new EvaluationSection(panel);
     }
@@ -190,6 +171,6 @@ export async function render() {
     for (const panel of state.panels.values()) panel.heatmap.draw();
   });
   renderRunSelector(selector);
-  renderThresholds(rulesHost);
+  new RulesPanel(rulesHost, reloadAll).render();
   renderPanels();
 }

@@ -11,15 +11,16 @@
 
 import {state} from './state.js';
 
-function thresholdQuery() {
-  return Object.entries(state.thresholds)
+function thresholdQuery(thresholds) {
+  return Object.entries(thresholds)
       .map(([k, v]) => `&threshold=${encodeURIComponent(`${k}=${v}`)}`).join('');
 }
 
-export async function getJSON(route, params = {}) {
+/** A route's JSON answer, asked with the user's overrides (or `thresholds`: settings not applied yet). */
+export async function getJSON(route, params = {}, thresholds = state.thresholds) {
   const query = Object.entries(params)
       .map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v)}`).join('&');
-  const response = await fetch(`${route}?${query}${thresholdQuery()}`);
+  const response = await fetch(`${route}?${query}${thresholdQuery(thresholds)}`);
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || `${route}: HTTP ${response.status}`);
   return body;

@@ -12,7 +12,7 @@ export const state = {
   stat: null,          // heatmap statistic
   onlyFlagged: false,
   sharedScale: true,   // panels showing the same heatmap statistic share one colour scale
-  thresholds: {},      // rule name -> overridden threshold
+  thresholds: {},      // 'rule' or 'rule.setting' -> overridden value (text, as the user typed it)
   panels: new Map(),   // run -> RunPanel
 };
 

@@ -43,6 +43,10 @@ class Statistic:
     #: gradients, its weights).  Where that count is above 0, a NaN here is the value NaN; elsewhere NaN
     #: means "not measured".  None: a NaN is always "not measured".
     nonfinite_count: str | None = None
+    #: Measured only on layers whose output this kind of activation consumes (`activation_family`):
+    #: "rectifier", "saturating", or "" for every layer.  A layer it does not apply to has no value, not
+    #: even the value NaN when its output turns NaN.
+    consumed_by: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,11 +65,13 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("dead_frac", "fraction of units (conv channels, linear features) a rectifier-like activation (ReLU, "
               "ReLU6, LeakyReLU(0), clamp(min=0), GELU, SiLU, ...) never fired for over the batch: output 0, or "
               "for a smooth one a pre-activation below its cutoff (output and derivative ~0); NaN when none "
-              "consumes the output",
-              "dead units (ReLU, GELU, SiLU, ...)", "dead units", "fraction", "always", key_column=2),
+              "consumes the output, or when the output held NaN/Inf",
+              "dead units (ReLU, GELU, SiLU, ...)", "dead units", "fraction", "always", key_column=2,
+              nonfinite_count="act_nonfinite", consumed_by="rectifier"),
     Statistic("saturated_frac", "fraction of sigmoid/tanh outputs within 1% of their bounds; NaN when none "
               "consumes the output",
-              "saturated sigmoid/tanh outputs", "saturated", "fraction", "always", key_column=3),
+              "saturated sigmoid/tanh outputs", "saturated", "fraction", "always", key_column=3,
+              consumed_by="saturating"),
     Statistic("grad_norm", "L2 norm of the gradients of the layer's own parameters",
               "gradient L2 norm", "grad norm", "log", "never", nonfinite_count="grad_nonfinite"),
     Statistic("grad_rms", "grad_norm / sqrt(number of gradient elements)",
@@ -87,8 +93,9 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("grad_params", "number of the layer's parameter tensors that received a gradient this step",
               "parameter tensors with gradients", "grad tensors", "linear", "with_finding"),
     Statistic("dead_persist_frac", "fraction of units that fired neither in this batch nor in the two previous "
-              "logged ones",
-              "ReLU units dead for 3 logged batches", "dead 3 batches", "fraction", "never"),
+              "logged ones; NaN when the output held NaN/Inf",
+              "ReLU units dead for 3 logged batches", "dead 3 batches", "fraction", "never",
+              nonfinite_count="act_nonfinite", consumed_by="rectifier"),
     Statistic("eps_dominated_frac", "under an Adam-family optimizer (Adam, AdamW, NAdam, RAdam; not SGD, Adafactor "
               "or Adagrad), the share of the layer's coordinates that received a gradient this step whose "
               "sqrt(v_hat) (bias-corrected exp_avg_sq, max_exp_avg_sq with amsgrad) is below the optimizer's eps: "
@@ -233,6 +240,22 @@ def scale_of(name: str) -> str:
     return statistic(name).scale
 
 
+#: Activation kinds (`LayerInfo.activation`) judged by saturation; every other kind is rectifier-like.
+SATURATING_KINDS: tuple[str, ...] = ("sigmoid", "tanh")
+
+
+def activation_family(kind: str) -> str:
+    """``"rectifier"``, ``"saturating"`` or ``""`` (nothing consumes the output) for an activation kind."""
+    if not kind:
+        return ""
+    return "saturating" if kind in SATURATING_KINDS else "rectifier"
+
+
+def applies_to(stat: Statistic, activation: str) -> bool:
+    """Whether ``stat`` is measured on a layer whose output ``activation`` (a kind, or "") consumes."""
+    return not stat.consumed_by or stat.consumed_by == activation_family(activation)
+
+
 def statistics_json() -> list[dict[str, Any]]:
     """The table as JSON-ready dicts, in column order (what the tab reads from ``/rules``)."""
     return [s.to_json() for s in STATISTICS]
@@ -241,5 +264,5 @@ def statistics_json() -> list[dict[str, Any]]:
 __all__ = [
     "Statistic", "STATISTICS", "BY_NAME", "MODEL_STATISTICS", "MODEL_BY_NAME", "KEY_STATS", "DEFAULT_HEATMAP",
     "SCALES", "CHARTS", "statistic",
-    "scale_of", "statistics_json",
+    "scale_of", "statistics_json", "SATURATING_KINDS", "activation_family", "applies_to",
 ]

@@ -220,6 +220,11 @@ def dead_units_rows(x: torch.Tensor, dim: int, below: float = 0.0) -> torch.Tens
 def _never_fired(x: torch.Tensor, unit: int, first: int = 0, below: float = 0.0) -> torch.Tensor:
     """True per unit (axis ``unit``) where no element is > ``below``: the maximum over the axes from ``first`` on.
 
+    A unit with a NaN output is not alive: ``amax`` propagates the NaN and a
+    NaN is not above the cutoff.  (Its layer's fraction is NaN anyway once the
+    output holds a NaN, `tbdiag.summary.assembly.Assembler`; the mask stays
+    a mask, and all-dead is neutral in the AND over logged batches.)
+
     The axes after the units go first (a contiguous reduction), then those
     before: on ``[N, C, H, W]`` two such reductions cost half of one over
     ``(0, 2, 3)`` at once, which strides through memory.
@@ -228,7 +233,8 @@ def _never_fired(x: torch.Tensor, unit: int, first: int = 0, below: float = 0.0)
         x = x.amax(dim=list(range(unit + 1, x.dim())))
     if unit > first:
         x = x.amax(dim=list(range(first, unit)))
-    return x <= below
+    # not "x <= below": a maximum that is NaN (any NaN among the unit's outputs) never fired either
+    return ~(x > below)
 
 
 def saturated_fraction(y: torch.Tensor, kind: str) -> torch.Tensor:

@@ -123,6 +123,19 @@ def eps_dominated_rows(health: np.ndarray, params: ParamLayout, positions: Seque
     counted = np.bincount(rows, weights=counts[:, 1], minlength=n)
     has = counted > 0
     health[has, schema.COLUMN_INDEX["eps_dominated_frac"]] = dominated[has] / counted[has]
+def _nonfinite_outputs_not_dead(health: np.ndarray) -> None:
+    """Dead-unit fractions of a layer whose output held NaN/Inf become the value NaN.
+
+    After a blow-up the output is NaN: no unit can be told fired or dead, and
+    0% dead (NaN read as firing) or 100% (NaN read as silent) would both be a
+    number that is not there.  NaN with the output's count above 0 is what
+    `Statistic.nonfinite_count` calls the value NaN, not "not measured".
+    """
+    col = schema.COLUMN_INDEX
+    with np.errstate(invalid="ignore"):
+        blown = health[:, col["act_nonfinite"]] > 0
+    for name in ("dead_frac", "dead_persist_frac"):
+        health[blown, col[name]] = np.nan
 
 
 class Assembler:
@@ -168,6 +181,7 @@ class Assembler:
                 record.model[key] = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
             elif kind == "eps":
                 eps_dominated_rows(health, params, key, value)
+        _nonfinite_outputs_not_dead(health)
         g_norm, has_g = self._parameter_rows(health, params, norms, nonfinite)
         finite_lrs = [lr for lr in lrs if math.isfinite(lr)]
         if finite_lrs:
