@@ -36,14 +36,16 @@ def logit_divergence(run: RunData, rule: Rule) -> list[Finding]:
         return []
     first, last = spans[0][0], spans[-1][1] - 1
     since = int(steps[first])
+    limit = (f"the mean more than {rule.threshold:g} nats from where it began" if drift[first] > rule.threshold
+             else f"the largest row more than {rule.params['max']:g} nats from its own start ({top[0]:.3g})")
     last_logged = int(run.steps[-1]) if len(run.steps) else int(steps[-1])
     return [Finding(
         run=run.name, layer=None, issue=rule.name, severity=rule.severity,
         first_step=since, last_step=int(steps[last]), value=float(mean[last]),
         message=f"the output's log Z (logsumexp of the logits over the classes) has drifted from {mean[0]:.3g} at "
                 f"step {int(steps[0])} to {mean[last]:.3g} (mean over rows; largest row {top[last]:.3g}) by step "
-                f"{int(steps[last])}, more than {rule.threshold:g} nats away since step {since}: the logits run away "
-                "while cross-entropy, blind to their common shift, does not hold them",
+                f"{int(steps[last])}, {limit} since step {since}: the logits run away while cross-entropy, blind to "
+                "their common shift, does not hold them",
         threshold=rule.threshold, statistic=rule.statistic, advice=rule.advice,
         ongoing=int(steps[last]) >= last_logged,
         spans=tuple((int(steps[a]), int(steps[b - 1])) for a, b in spans),
