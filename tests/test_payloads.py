@@ -238,7 +238,10 @@ def test_loss_marks_come_from_the_findings_list_alone():
                                                                                   "dead")
     assert "2 layers: block1, block2" in dead["message"]
     assert by_issue["gradient_spike"]["where"] == "model" and by_issue["gradient_spike"]["spans"] == [[50, 50]]
-    assert by_issue["gradient_spike"]["word"] == "gradient_spike"  # no rule declares it (yet): its own name
+    assert by_issue["gradient_spike"]["word"] == rules.word_of("gradient_spike") == "grad spike"  # the rule's word
+    unknown = rules.Finding(run="recovering", layer=None, issue="from_a_newer_tbdiag", severity="warning",
+                            first_step=70, last_step=70, value=None, message="?")
+    assert {m["issue"]: m for m in strict(marks([unknown]))}["from_a_newer_tbdiag"]["word"] == "from_a_newer_tbdiag"
     assert "no_gradient" not in by_issue
     assert [m["first_step"] for m in out] == sorted(m["first_step"] for m in out)
     body = strict(loss_payload(RunView(data=data, findings=found, version=1, memo={})))
