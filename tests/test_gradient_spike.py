@@ -52,7 +52,7 @@ def _tracker_window(values, min_history=4):
         tracker.observe(step, norms, [0, 1], 2, loss=torch.tensor(2.0 + (step == 9)))
     probe = StepProbe(len(values) - 1, ProbeOptions())
     tracker.add_to(probe, [0, 1])
-    items = dict(((kind, str(key)), t) for (kind, key), t in zip(probe.layout, probe.parts))
+    items = {(kind, str(key)): t for (kind, key), t in zip(probe.layout, probe.parts)}
     return probe, items
 
 
@@ -67,7 +67,7 @@ def test_the_tracker_keeps_the_steepest_jump_of_the_window_and_its_norms():
 
 def test_the_first_steps_are_not_judged():
     """Before `min_history` steps nothing is kept: the initial transient has no history to jump from."""
-    probe, items = _tracker_window([5.0, 1.0, 1.0], min_history=4)
+    _, items = _tracker_window([5.0, 1.0, 1.0], min_history=4)
     assert items == {}
 
 

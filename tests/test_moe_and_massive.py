@@ -19,14 +19,13 @@ import torch
 from torch import nn
 
 import tbdiag
-from tbdiag import DiagnosticWriter
 from tbdiag.measure import blocks
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import recipes  # noqa: E402
+import recipes
 
 
 def tiny_mixtral(aux: float = 0.0) -> nn.Module:
