@@ -213,6 +213,7 @@ def layers_payload(view: RunView, step: int | None) -> dict[str, Any]:
     nan_now = nan_values(stats_now, applicable(data))  # NaN cells that are values, not "not measured"
     has_data = _measured(view)  # columns measured at all in this run
     rows = []
+    row_names = {info.name for info in data.table.layers}
     for i, info in enumerate(data.table.layers):
         own = flags.get(info.name, [])
         row_stats = json_cells(stats_now[i], nan_now[i])
@@ -235,7 +236,8 @@ def layers_payload(view: RunView, step: int | None) -> dict[str, Any]:
         "steps": _steps_info(data),
         "key_stats": [c for c in statistics.KEY_STATS if has_data[schema.COLUMN_INDEX[c]]],
         "layers": rows,
-        "model_findings": [f.to_json() for f in findings if f.layer is None],
+        # (a finding on a module that is no row, a transformer block, shows with the model's)
+        "model_findings": [f.to_json() for f in findings if f.layer is None or f.layer not in row_names],
     }
 
 

@@ -52,7 +52,7 @@ def _tracker_window(values, min_history=4):
         tracker.observe(step, norms, [0, 1], 2, loss=torch.tensor(2.0 + (step == 9)))
     probe = StepProbe(len(values) - 1, ProbeOptions())
     tracker.add_to(probe, [0, 1])
-    items = dict(((kind, str(key)), t) for (kind, key), t in zip(probe.layout, probe.parts))
+    items = {(kind, str(key)): t for (kind, key), t in zip(probe.layout, probe.parts)}
     return probe, items
 
 
@@ -67,7 +67,7 @@ def test_the_tracker_keeps_the_steepest_jump_of_the_window_and_its_norms():
 
 def test_the_first_steps_are_not_judged():
     """Before `min_history` steps nothing is kept: the initial transient has no history to jump from."""
-    probe, items = _tracker_window([5.0, 1.0, 1.0], min_history=4)
+    _, items = _tracker_window([5.0, 1.0, 1.0], min_history=4)
     assert items == {}
 
 
@@ -192,3 +192,22 @@ def test_a_hugging_face_output_carries_the_loss_at_the_spike(tmp_path):
     (f,) = [f for f in tbdiag.report(str(tmp_path)) if f.issue == "gradient_spike"]
     assert f.first_step == BAD_AT, f.message
     assert "the loss at that step was" in f.message
+
+
+def test_the_tracker_makes_no_tensor_from_python_data():
+    """On an accelerator a tensor made from Python data is a host-to-device copy at every step: none, whether the
+    output carries a loss or not, and in the logging step's hand-over; a step where some parameters have no
+    gradient places the norms with an index made once per set of positions."""
+    from test_device_side import DeviceWork
+
+    tracker = SpikeTracker(ring=8, min_history=2)
+    norms, loss = torch.rand(3), torch.tensor(2.0)
+    for step in range(8):
+        partial = step in (4, 6)
+        with DeviceWork() as work:
+            tracker.observe(step, norms[:2] if partial else norms, [0, 2] if partial else [0, 1, 2], 3,
+                            loss if step % 2 else None)
+        assert work.from_python == (["torch.Size([2])"] if step == 4 else []) and work.to_device == [], step
+    with DeviceWork() as work:
+        tracker.add_to(StepProbe(6, ProbeOptions()), [0, 1, 2])
+    assert work.from_python == []

@@ -19,14 +19,13 @@ import torch
 from torch import nn
 
 import tbdiag
-from tbdiag import DiagnosticWriter
 from tbdiag.measure import blocks
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import recipes  # noqa: E402
+import recipes
 
 
 def tiny_mixtral(aux: float = 0.0) -> nn.Module:
@@ -180,3 +179,22 @@ def test_massive_activations(tmp_path, case):
     assert f.layer in ("transformer.h.1", "transformer.h.2"), f  # the block that writes it, or the next
     assert f.value > 100
     assert f.severity == ("warning" if case == "runaway" else "info"), f.message
+
+
+def test_the_tab_shows_a_block_finding_with_the_models(tmp_path):
+    """A block is no row of the layer table: its finding goes with the model-level ones, not lost."""
+    from tb_plugin import payloads
+    from tb_plugin.run_source import RunView
+    from tbdiag.read.reader import load_logdir
+    from tbdiag.rules import evaluator
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    plant(model, [300.0], first_token_only=True)
+    train_lm(str(tmp_path), model, steps=40)
+    (data,) = load_logdir(str(tmp_path))
+    view = RunView(data=data, findings=evaluator.evaluate(data), version=1, memo={})
+    body = payloads.layers_payload(view, None)
+    (f,) = [f for f in body["model_findings"] if f["issue"] == "massive_activations"]
+    assert f["layer"] == "transformer.h.1"
+    assert all(flag["issue"] != "massive_activations" for row in body["layers"] for flag in row["flags"])

@@ -85,7 +85,10 @@ class SpikeTracker:
             self._judge(step, total, norms, positions, n_params, loss_value)
         at = self._seen % self.ring_size
         self._ring[at] = total
-        self._loss_ring[at] = loss_value if loss_value is not None else math.nan
+        if loss_value is not None:
+            self._loss_ring[at] = loss_value
+        else:  # (a fill kernel: assigning a Python number would copy a new host tensor to the device)
+            self._loss_ring[at].fill_(math.nan)
         self._seen += 1
 
     def _judge(self, step: int, total: torch.Tensor, norms: torch.Tensor, positions: list[int], n_params: int,

@@ -22,7 +22,7 @@ from .table import Finding, Rule
 
 def _loss_damaged(run: RunData, damage: float) -> bool:
     """Whether a training loss ended above its best by ``damage`` x what it had learned (start - best)."""
-    for tag, (_, values) in run.losses.items():
+    for _, values in run.losses.values():
         v = rolling_median(values[np.isfinite(values)])
         if v.size < 5:
             continue
@@ -38,7 +38,7 @@ def massive_activations(run: RunData, rule: Rule) -> list[Finding]:
     if ratio.size == 0:
         return []
     _, peak = run.model_series("massive_act_max")
-    block_steps, block = run.model_series("massive_act_block")
+    _, block = run.model_series("massive_act_block")
     valid = np.isfinite(ratio)
     with np.errstate(invalid="ignore"):
         spans = persistent(valid & (ratio >= rule.threshold), valid, rule.persistence)

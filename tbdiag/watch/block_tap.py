@@ -46,10 +46,10 @@ class BlockTap:
         self._seen.clear()
         self._routed.clear()
         for i, (_, module) in enumerate(self.blocks):
-            hook = lambda m, args, out, i=i: self._block_hook(i, out)  # noqa: E731
+            hook = lambda m, args, out, i=i: self._block_hook(i, out)
             self.hooks.append(("post", module.register_forward_hook(hook)))
         for router, layer in self.routers:
-            hook = lambda m, args, out, router=router, layer=layer: self._router_hook(router, layer, out)  # noqa: E731
+            hook = lambda m, args, out, router=router, layer=layer: self._router_hook(router, layer, out)
             self.hooks.append(("post", router.module.register_forward_hook(hook)))
 
     def _on_block(self, position: int, out: Any) -> None:
