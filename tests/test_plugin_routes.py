@@ -254,7 +254,11 @@ def test_losses_are_the_scalars_the_loss_rules_read_with_the_findings_marked(cli
     # a threshold edit reaches the marks: conv2 at 100% dead is silent above 100%
     quiet = get(client, P + "/losses?run=sick&threshold=dead_relu%3D1.01")
     assert "dead_relu" not in {m["issue"] for m in quiet["marks"]}
-    assert all(m["severity"] == "info" for m in get(client, P + "/losses?run=healthy")["marks"])
+    # the healthy run: no layer finding to mark (a model-level one only where a finding is: on a loaded machine
+    # the tiny run may wait for its input)
+    healthy = get(client, P + "/losses?run=healthy")["marks"]
+    issues = {f["issue"] for f in get(client, P + "/findings?run=healthy")["findings"]}
+    assert not [m for m in healthy if m["where"] == "layers"] and {m["issue"] for m in healthy} <= issues
 
 
 def test_validation_loss_is_served_and_overfitting_is_marked_on_it(tmp_path):
