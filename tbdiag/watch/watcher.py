@@ -135,25 +135,7 @@ class Watcher:
         self.shield = Shield(self._describe, self._detach)
         self.layers: list[layers.Layer] = []
         self._busy = Busy()
-        self.tap = ForwardTap(self.shield.guard, self._busy)
-        self.block_tap = BlockTap(self.shield.guard)  # repeated blocks and MoE routers (tbdiag.watch.block_tap)
-        self.recorder = StepRecorder(writer, optimizer, log_every, grad_scaler=grad_scaler, scalars=scalars,
-                                     loss_tags=loss_tags, warn_once=self._warn_once)
-        compiled = type(model).__name__ == "OptimizedModule" or any(
-            getattr(m, "_compiled_call_impl", None) is not None for m in self.model.modules())  # model.compile()
-        self.recorder.attention_note = lambda: self.tap.attention.seen_note(self.layers, compiled)
-        self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
-        self.timer = StepTimer()  # the perf/* scalars (tbdiag.watch.timing)
-        self.inputs = InputWatch(self.model)  # the batch's scale and labelled padding (tbdiag.watch.input_watch)
-        # the gradient norm of every step, its worst jump kept on the device (tbdiag.watch.spike_watch)
-        self.spikes = SpikeWatch(self.recorder.param_index, self.shield.guard, grad_scaler,
-                                 at_backward=optimizer is not None and self.rank is None)
-        # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
-        self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
-            if on_finding is not None or stop_on else None
-        writer.live = self.live
-        self.sentinel = Sentinel(lambda: self.layers, self._busy, read_always="nonfinite" in stop_on,
-                                 on_found=self._on_nonfinite)
+        self.timer = StepTimer()  # the perf/* scalars (tbdiag.watch.timing); the writer reads it from any watcher
         # (registry kind, handle): kind is "pre" / "post" (module forward hooks) or "optimizer"
         self._hooks: list[tuple[str, Any]] = []  # for the watcher's lifetime
         self._entry_hooks: list[tuple[str, Any]] = []  # children as entry points, until the root itself runs
@@ -169,11 +151,34 @@ class Watcher:
         self._backward_queued = False
         self._warned: set[str] = set()
         _WATCHED[self.model] = self
-        try:
+        try:  # a fault anywhere in the set-up leaves the model and optimizer as they were
+            self._build(writer, model, optimizer, log_every, grad_scaler, scalars, loss_tags, on_finding, stop_on)
             self._install(example_input)
         except Exception as e:  # half-installed: take everything off again, keep training untouched
             self.shield.trip("watch() set-up", e)
             self.remove()
+
+    def _build(self, writer: "DiagnosticWriter", model: nn.Module, optimizer: Any, log_every: int, grad_scaler: Any,
+               scalars: bool, loss_tags: Sequence[str] | None, on_finding: Any, stop_on: Sequence[str]) -> None:
+        """The parts that run inside the user's step, each behind the shield's guard."""
+        self.tap = ForwardTap(self.shield.guard, self._busy)
+        self.block_tap = BlockTap(self.shield.guard)  # repeated blocks and MoE routers (tbdiag.watch.block_tap)
+        self.recorder = StepRecorder(writer, optimizer, log_every, grad_scaler=grad_scaler, scalars=scalars,
+                                     loss_tags=loss_tags, warn_once=self._warn_once)
+        compiled = type(model).__name__ == "OptimizedModule" or any(
+            getattr(m, "_compiled_call_impl", None) is not None for m in self.model.modules())  # model.compile()
+        self.recorder.attention_note = lambda: self.tap.attention.seen_note(self.layers, compiled)
+        self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
+        self.inputs = InputWatch(self.model)  # the batch's scale and labelled padding (tbdiag.watch.input_watch)
+        # the gradient norm of every step, its worst jump kept on the device (tbdiag.watch.spike_watch)
+        self.spikes = SpikeWatch(self.recorder.param_index, self.shield.guard, grad_scaler,
+                                 at_backward=optimizer is not None and self.rank is None)
+        # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
+        self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
+            if on_finding is not None or stop_on else None
+        writer.live = self.live
+        self.sentinel = Sentinel(lambda: self.layers, self._busy, read_always="nonfinite" in stop_on,
+                                 on_found=self._on_nonfinite)
 
     def _install(self, example_input: Any) -> None:
         guard = self.shield.guard
@@ -234,6 +239,11 @@ class Watcher:
         forward; it is popped only on that thread, where nesting is restored:
         by the forward hook that closes the window, or by ``remove()``.
         """
+        if not hasattr(self, "sentinel"):  # the set-up failed before its parts were all built: no hook is on yet
+            self._hooks, self._entry_hooks = [], []
+            if _WATCHED.get(self.model) is self:
+                del _WATCHED[self.model]
+            return True
         window = self._window
         if self.tap.spy is not None and window is not None and window[0] == threading.get_ident() and (
                 entry == "remove" or (entry == "forward hook" and args and args[0] is window[1])):
