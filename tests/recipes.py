@@ -163,10 +163,11 @@ def train_loop(
     return losses[0], (sum(tail) / len(tail) if tail else float("nan"))
 
 
-def _lm_loss(data: torch.Tensor, batch: int):
+def _lm_loss(data: torch.Tensor, batch: int, bad_batch: int | None = None):
+    """``bad_batch=s``: at step ``s`` the labels are shifted by half the vocabulary (a misaligned shard)."""
     def loss_of(model, step):
         x = data[_cycle(len(data), batch, step)]
-        return model(input_ids=x, labels=x).loss
+        return model(input_ids=x, labels=(x + VOCAB // 2) % VOCAB if step == bad_batch else x).loss
     return loss_of
 
 
@@ -180,11 +181,12 @@ def gpt2_config(n_layer: int = 8) -> transformers.GPT2Config:
 
 def gpt2(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 3e-3,
          warmup: int | None = None, n_layer: int = 8, batch: int = 16, zero_grad: bool = True,
-         train_mode: bool = True, dead_block: int | None = None) -> tuple[float, float]:
+         train_mode: bool = True, dead_block: int | None = None, bad_batch: int | None = None) -> tuple[float, float]:
     """GPT2LMHeadModel on stride sequences: AdamW, warm-up + cosine, clipping 1.0.
 
     ``dead_block=i``: after init, ``transformer.h[i].mlp.c_fc.bias`` is set to -20, so that block's GELU
     outputs 0 and passes back no gradient.  ``warmup=0`` removes the warm-up (default: 10% of the steps).
+    ``bad_batch=s``: the batch of step ``s`` has its labels shifted by half the vocabulary (`_lm_loss`).
     """
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(gpt2_config(n_layer))
@@ -193,8 +195,8 @@ def gpt2(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 
             model.transformer.h[dead_block].mlp.c_fc.bias.fill_(-20.0)
     opt = adamw(model, lr, weight_decay=0.1)
     sched = warmup_cosine(opt, steps, steps // 10 if warmup is None else warmup)
-    return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch), steps, log_every,
-                      zero_grad=zero_grad, train_mode=train_mode)
+    return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch, bad_batch), steps,
+                      log_every, zero_grad=zero_grad, train_mode=train_mode)
 
 
 def llama_config() -> transformers.LlamaConfig:
@@ -237,15 +239,26 @@ def gpt2_long(logdir: str, steps: int = 720, log_every: int = LOG_EVERY, seed: i
 
 
 def mixtral(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 3e-3,
-            batch: int = 16) -> tuple[float, float]:
+            batch: int = 16, aux: float = 0.02, biased_router: bool = False) -> tuple[float, float]:
     """MixtralForCausalLM (2 layers, 4 experts, top-2 routing, the router's load-balancing loss at Mixtral's 0.02)
-    on stride sequences: AdamW, warm-up + cosine, clipping 1.0."""
+    on stride sequences: AdamW, warm-up + cosine, clipping 1.0.
+
+    ``biased_router``: every token's hidden state shares a direction (a constant added to the embeddings) that
+    the routers' rows for experts 0 and 1 point along, so they send every token there; ``aux``: the balancing
+    loss's weight (0: none).
+    """
     torch.manual_seed(seed)
     cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=SEQ, output_router_logits=True,
-                                     router_aux_loss_coef=0.02, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+                                     num_experts_per_tok=2, max_position_embeddings=SEQ, output_router_logits=aux > 0,
+                                     router_aux_loss_coef=aux, bos_token_id=0, eos_token_id=0, pad_token_id=None)
     model = transformers.MixtralForCausalLM(cfg)
+    if biased_router:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(0.5)
+            for layer in model.model.layers:
+                gain = layer.post_attention_layernorm.weight
+                layer.mlp.gate.weight[:2] += 5.0 * gain / gain.norm()
     opt = adamw(model, lr, weight_decay=0.1)
     sched = warmup_cosine(opt, steps, steps // 10)
     return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch), steps, log_every)
@@ -605,6 +618,16 @@ def vit_softmax_in_loss(logdir: str, steps: int = 300, log_every: int = LOG_EVER
     return vit(logdir, steps, log_every, seed, softmax_in_loss=True)
 
 
+def gpt2_bad_batch(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0):
+    """`gpt2` with one bad batch at step 137 (not a logging step): labels shifted by half the vocabulary."""
+    return gpt2(logdir, steps, log_every, seed, bad_batch=137)
+
+
+def mixtral_collapsed_router(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0):
+    """`mixtral` with a router biased towards two experts and no load-balancing loss."""
+    return mixtral(logdir, steps, log_every, seed, aux=0.0, biased_router=True)
+
+
 def mobilenet_v2_lr_too_high(logdir: str, steps: int = 160, log_every: int = LOG_EVERY, seed: int = 0):
     """`mobilenet_v2` at 8x its learning rate (SGD lr 0.16)."""
     return mobilenet_v2(logdir, steps, log_every, seed, lr=8 * 0.02)
@@ -623,6 +646,7 @@ SICK: dict[str, Callable[..., tuple[float, float]]] = {
     "gpt2_no_zero_grad": gpt2_no_zero_grad, "gpt2_eval_mode": gpt2_eval_mode, "gpt2_dead_mlp": gpt2_dead_mlp,
     "bert_detached_backbone": bert_detached_backbone, "bert_zero_attention_mask": bert_zero_attention_mask,
     "vit_softmax_head": vit_softmax_head, "vit_softmax_in_loss": vit_softmax_in_loss, "mobilenet_v2_lr_too_high": mobilenet_v2_lr_too_high,
+    "gpt2_bad_batch": gpt2_bad_batch, "mixtral_collapsed_router": mixtral_collapsed_router,
 }
 ALL = {**HEALTHY, **SICK}
 

@@ -9,6 +9,7 @@ runs without the bad batch stay silent.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -211,3 +212,39 @@ def test_the_tracker_makes_no_tensor_from_python_data():
     with DeviceWork() as work:
         tracker.add_to(StepProbe(6, ProbeOptions()), [0, 1, 2])
     assert work.from_python == []
+
+
+@pytest.mark.parametrize("where", ["observe", "norms_at_backward"])
+def test_a_fault_in_the_tracker_never_reaches_the_training(tmp_path, monkeypatch, where):
+    """A fault in the per-step tracker (in the optimizer's hook, or in the autograd callback at the end of the
+    backward) detaches tbdiag with one warning; the training goes on, bit-identical to an unwatched twin."""
+    from tbdiag.measure import gradient_spikes
+    from tbdiag.watch import spike_watch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("fault injected by the test")
+
+    if where == "observe":
+        monkeypatch.setattr(gradient_spikes.SpikeTracker, "observe", broken)
+    else:
+        monkeypatch.setattr(spike_watch.SpikeWatch, "_norms", broken)
+    x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+    finals = []
+    for watched in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        writer = DiagnosticWriter(str(tmp_path / str(watched))) if watched else None
+        if writer is not None:
+            writer.watch(model, opt, log_every=10)
+        with pytest.warns(RuntimeWarning, match="tbdiag stopped watching") if watched else contextlib.nullcontext():
+            for _ in range(5):
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        if writer is not None:
+            writer.close()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+

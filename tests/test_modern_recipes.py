@@ -145,3 +145,17 @@ def test_mobilenet_v2_lr_too_high_is_loss_oscillation_and_activation_growth(tmp_
                   lambda layer: layer is not None and layer.startswith("mobilenet_v2.conv_stem."))
     assert stem, f"expected activation_growth on the stem (mobilenet_v2.conv_stem.*); the report said:\n" \
                  f"{_describe(findings)}"
+
+
+def test_gpt2_bad_batch_between_logging_steps_is_a_gradient_spike_at_its_step(tmp_path):
+    """Step 137's labels are shifted by half the vocabulary: the gradient norm jumps there, between logging steps,
+    and the loss at that step is several times its median (the clipping at 1.0 comes after the norm is taken)."""
+    findings = _check_sick("gpt2_bad_batch", tmp_path, ("gradient_spike",))
+    (f,) = _named(findings, ("gradient_spike",))
+    assert f.first_step == 137, _describe([f])
+
+
+def test_mixtral_biased_router_without_balancing_loss_is_expert_collapse(tmp_path):
+    findings = _check_sick("mixtral_collapsed_router", tmp_path, ("expert_collapse",),
+                           lambda layer: layer == "model.layers.0.mlp.gate", " on the first router")
+    assert not _named(findings, ("expert_collapse",), lambda layer: not layer.endswith(".mlp.gate"))

@@ -6,8 +6,8 @@ block's output (transformer layers) and keeps the largest
 table's ``blocks``).  Sun et al. (2024) find such outliers in healthy
 trained language models, so the finding is ``info``; it is a warning when
 the ratio grew ``growth`` x from its first logged value while the training
-loss went up: a loss finding of the run (spike, divergence, oscillation),
-or a last loss above its best by ``damage`` x what was learned.
+loss went up: its smoothed last value above its best by ``damage`` x what
+was learned.
 Pure numpy, torch-free.
 """
 

@@ -566,8 +566,8 @@ RULES: tuple[Rule, ...] = (
         name="massive_activations",
         statistic="massive_act_ratio: the largest max|h| / median|h| over the outputs of the model's repeated "
                   "blocks (transformer layers), at logging steps; info at the threshold, a warning when it grew "
-                  "'growth' x from its first logged value while the training loss went up (a loss finding, or "
-                  "the loss at the end above its best by 'damage' x)",
+                  "'growth' x from its first logged value while the training loss went up (its smoothed value at "
+                  "the end above its best by 'damage' x what it had learned)",
         threshold=100.0, persistence=3, severity="info",
         params={"growth": 10.0, "damage": 0.5},
         source="Sun et al. (2024), 'Massive Activations in Large Language Models': a few hidden-state values "

@@ -28,11 +28,15 @@ class BlockTap:
         self._probe: StepProbe | None = None
         self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block position -> (max, median)
         self._routed: set[int] = set()  # router rows measured in this forward
-        self._block_hook = guard("forward hook", self._on_block)
-        self._router_hook = guard("forward hook", self._on_router)
+        self._guard = guard
+        self._block_hook: Callable = self._on_block
+        self._router_hook: Callable = self._on_router
 
     def discover(self, model: torch.nn.Module, layers: list[Layer]) -> None:
-        """Find the blocks and the routers (routers that are rows of the layer table)."""
+        """Find the blocks and the routers (routers that are rows of the layer table); guard the hooks (at
+        ``watch()``'s set-up, where a fault leaves nothing behind)."""
+        self._block_hook = self._guard("forward hook", self._on_block)
+        self._router_hook = self._guard("forward hook", self._on_router)
         self.blocks = blocks.repeated_blocks(model)
         by_module = {id(layer.module): layer for layer in layers}
         self.routers = [(r, by_module[id(r.module)]) for r in blocks.routers(model) if id(r.module) in by_module]

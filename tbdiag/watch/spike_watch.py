@@ -54,8 +54,9 @@ class SpikeWatch:
         self._pending: tuple[torch.Tensor, list[int]] | None = None  # the last backward's norms
         self._loss: torch.Tensor | None = None  # the last training forward's loss, when its output carries one
         self._queued = False
-        self._callback = guard("spike backward callback", self._after_backward)
-        self._hook = guard("spike gradient hook", self._on_output_grad)
+        self._guard = guard
+        self._hook: Callable | None = None  # guarded at the first training forward (the set-up stays as it was)
+        self._callback: Callable | None = None
 
     def on_output(self, output: Any, grad_tensor: torch.Tensor | None) -> None:
         """A training forward of the model ended: remember its loss; measure at the end of its backward."""
@@ -64,6 +65,9 @@ class SpikeWatch:
         if self._at_backward and self._grad_scaler is None and _float16_autocast():
             self._at_backward = False  # gradients scaled by a GradScaler we were not given: wait for the step
         if self._at_backward and grad_tensor is not None:
+            if self._hook is None:
+                self._hook = self._guard("spike gradient hook", self._on_output_grad)
+                self._callback = self._guard("spike backward callback", self._after_backward)
             grad_tensor.register_hook(self._hook)
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:

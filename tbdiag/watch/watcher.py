@@ -4,7 +4,9 @@ Cost model
 ----------
 On a non-logging step only the entry hooks run (a forward pre-hook and hook
 on the model, and the optimizer's step hooks or one tensor hook per
-backward); they count and return.  On a logging step the watcher installs
+backward); they count, and take the step's gradient norms for the spike
+tracker (`tbdiag.watch.spike_watch`: one fused norm kernel and a few scalar
+kernels, no host read).  On a logging step the watcher installs
 forward hooks on every layer for the duration of the training forward, plus
 a `TorchFunctionMode` (the activation spy) that sees activations applied
 functionally (``F.relu``, ``torch.sigmoid``, ``x.tanh()``) or in place.  What
