@@ -32,7 +32,7 @@ from tbdiag.contract.rundata import RunData
 from tbdiag.measure import attention, modelinfo
 from tbdiag.read.reader import load_logdir
 from tbdiag.rules import RULES_BY_NAME
-from tbdiag.rules import attention as attention_rules
+from tbdiag.rules.transformer import attention as attention_rules
 from tbdiag.summary import assembly
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,7 +2,7 @@
 
 `table` declares every rule once (what it reads, threshold, persistence,
 source, advice); `evaluator` runs them; one module per rule family says how
-its rules read a run.  Pure numpy over a `tbdiag.contract.rundata.RunData`: this folder
+its rules read a run (the transformer families in `transformer/`).  Pure numpy over a `tbdiag.contract.rundata.RunData`: this folder
 imports only `tbdiag.contract`, never torch, the training side or the readers.
 The names below are the public face (``tbdiag.rules.RULES``, ``tbdiag.rules.evaluate``).
 """

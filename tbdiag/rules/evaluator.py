@@ -2,7 +2,7 @@
 
 Each rule family has its own module (`layer`, `nonfinite`, `loop`, `loss`,
 `update`, `evaluation`, `throughput`, `inputs`, `schedule`, `optimizer_state`,
-`logits`, `spikes`, `massive`, `experts`, `attention`); this one maps each rule name to its
+`spikes`, and under `transformer/` `attention`, `logits`, `massive`, `experts`); this one maps each rule name to its
 checker, runs them, lets each family demote the findings that follow from
 another one, and orders the result.  Pure: a `RunData` in, findings out.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..contract.rundata import RunData
-from . import (attention, evaluation, experts, inputs, layer, logits, loop, loss, massive, nonfinite, optimizer_state,
-               schedule, spikes, throughput, update)
+from . import evaluation, inputs, layer, loop, loss, nonfinite, optimizer_state, schedule, spikes, throughput, update
+from .transformer import attention, experts, logits, massive
 from .table import RULES_BY_NAME, SEVERITY_RANK, Finding, resolve
 
 #: rule name -> its checker, ``(run, resolved rule) -> findings``

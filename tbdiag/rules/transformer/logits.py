@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contract.rundata import RunData
-from .series import persistent
-from .table import Finding, Rule
+from ...contract.rundata import RunData
+from ..series import persistent
+from ..table import Finding, Rule
 
 
 def logit_divergence(run: RunData, rule: Rule) -> list[Finding]:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contract.rundata import RunData
-from .series import persistent, rolling_median
-from .table import Finding, Rule
+from ...contract.rundata import RunData
+from ..series import persistent, rolling_median
+from ..table import Finding, Rule
 
 
 def _loss_damaged(run: RunData, damage: float) -> bool:

@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..contract.rundata import RunData
-from .series import persistent
-from .table import Finding, Rule
+from ...contract.rundata import RunData
+from ..series import persistent
+from ..table import Finding, Rule
 
 #: The logged values a layer's early entropy is read from (the highest of them: a first logged step can fall
 #: inside a warm-up where the attention is already sharpening).
