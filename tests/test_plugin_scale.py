@@ -296,7 +296,7 @@ def test_six_gpt2_runs_read_without_hovering(chromium, gpt2_six, size):
     choose_stat(frame, "dead_frac", "dead units")
     canvas = dead_canvas
     assert canvas.get_attribute("data-layers") == "12"
-    assert panel_of(frame, DEAD_RUN).locator(".heat-note").get_attribute("data-hidden") == "76"
+    assert panel_of(frame, DEAD_RUN).locator(".heat-note").get_attribute("data-hidden") == "88"  # 100 rows - 12
     rows = json.loads(canvas.get_attribute("data-rows"))
     assert all(r.endswith(".mlp.c_fc") for r in rows)
     assert json.loads(canvas.get_attribute("data-labels"))[6] == "h.6 mlp.c_fc"
