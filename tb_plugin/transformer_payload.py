@@ -7,7 +7,9 @@ payload says which of them the run has at all (none: the section stays
 hidden), the threshold each rule applies to them (drawn on the heatmap's
 legend and under the cells past it), and, per module, the head its findings
 name: the ``*_head`` column its rule reads, counted over the logged steps
-the finding holds.
+the finding holds.  A module's findings here are those of the rules that
+read the section's statistics; its others (an eps-dominated router) stay in
+the layer table.
 """
 
 from __future__ import annotations
@@ -95,14 +97,17 @@ def transformer_payload(view: RunView, resolved: Mapping[str, rules.Rule]) -> di
         })
         for i in np.flatnonzero(rows):
             kinds.setdefault(int(i), kind)
+    shown = {stat for stat, _ in HEATMAPS}
     modules = []
     for i, kind in sorted(kinds.items()):
         name = data.table.layers[i].name
         own = []
         for f in findings:
-            if f.layer != name:
+            rule = resolved.get(f.issue)
+            # the section's findings: those of rules reading its statistics (the layer table has the rest)
+            if f.layer != name or rule is None or not shown.intersection(rule.reads):
                 continue
-            column = _head_column(resolved.get(f.issue))
+            column = _head_column(rule)
             own.append({"issue": f.issue, "word": rules.word_of(f.issue), "severity": f.severity,
                         "first_step": f.first_step, "last_step": f.last_step,
                         "head": named_head(data, i, f, column) if column else None})

@@ -2,8 +2,10 @@
 
 The logdir holds three real runs: "sick", the small pre-LN transformer of `attention_runs.tiny_lm` at lr 0.1
 without warm-up and without qk-layernorm (Wortsman et al. 2023: both blocks' attention logits pass 100 and
-their attention collapses to one-hot by step 10); "qk_norm", the same run with qk-layernorm (healthy); and
-"cnn", a small CNN with no attention at all.  The /transformer route is read through TensorBoard's own WSGI
+their attention collapses to one-hot by step 10); "qk_norm", the same run with qk-layernorm (no attention finding); and
+"spike", a small MLP with no attention at all and one bad batch between logging steps (`test_gradient_spike`),
+whose gradient spike the Loss strip marks; and "moe", a tiny Mixtral whose biased router sends every token to
+two of its four experts without a balancing loss (`test_moe_and_massive`).  The /transformer route is read through TensorBoard's own WSGI
 app; the section is checked in headless Chromium against a real ``tensorboard`` process, at 1440 x 900, and
 its screenshot is ``docs/diagnostics-transformer.png``.
 """
@@ -28,6 +30,7 @@ P = "/data/plugin/tbdiag"
 ATTENTION = ["blocks.0.attn", "blocks.1.attn"]
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 SCREENSHOT = os.path.join(DOCS, "diagnostics-transformer.png")
+SCREENSHOT_MOE = os.path.join(DOCS, "diagnostics-transformer-moe.png")
 
 
 def _build(root: str) -> None:
@@ -37,7 +40,15 @@ def _build(root: str) -> None:
     torch.set_num_threads(1)
     tiny_lm(os.path.join(root, "sick"), steps=150, lr=0.1)
     tiny_lm(os.path.join(root, "qk_norm"), steps=150, lr=0.1, qk_norm=True)
-    h.train_run(os.path.join(root, "cnn"), dead=False, steps=10)
+    from test_gradient_spike import train
+
+    train(os.path.join(root, "spike"), bad="inputs")
+    from test_moe_and_massive import biased_router, tiny_mixtral, train_lm
+
+    torch.manual_seed(0)
+    model = tiny_mixtral(aux=0.0)
+    biased_router(model)
+    train_lm(os.path.join(root, "moe"), model, steps=40)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +99,29 @@ def test_route_names_the_attention_modules_their_thresholds_and_the_heads(client
     twin = get(client, f"{P}/transformer?run=qk_norm")
     assert [m["layer"] for m in twin["modules"]] == ATTENTION
     assert all(m["findings"] == [] for m in twin["modules"])
-    cnn = get(client, f"{P}/transformer?run=cnn")
-    assert cnn == {"run": "cnn", "heatmaps": [], "modules": []}  # the tab hides the section
+    mlp = get(client, f"{P}/transformer?run=spike")
+    assert mlp == {"run": "spike", "heatmaps": [], "modules": []}  # the tab hides the section
+
+
+def test_route_lists_routers_with_their_expert_load_threshold(client):
+    moe = get(client, f"{P}/transformer?run=moe")
+    assert [m["stat"] for m in moe["heatmaps"]] == ["attn_logit_max", "attn_entropy", "expert_top_share"]
+    load = moe["heatmaps"][2]
+    assert load["kind"] == "router" and load["modules"] == 2
+    assert load["lines"] == [{"rule": "expert_collapse", "severity": "warning", "direction": "above",
+                              "label": "expert_collapse", "value": 0.9}]
+    kinds = {m["layer"]: m["kind"] for m in moe["modules"]}
+    assert kinds == {"model.layers.0.self_attn": "attention", "model.layers.1.self_attn": "attention",
+                     "model.layers.0.mlp.gate": "router", "model.layers.1.mlp.gate": "router"}
+    gate = next(m for m in moe["modules"] if m["layer"] == "model.layers.0.mlp.gate")
+    (collapse,) = [f for f in gate["findings"] if f["issue"] == "expert_collapse"]
+    assert collapse["word"] == "experts" and collapse["head"] is None  # a router has no head to name
+    assert all(f["issue"] in ("expert_collapse", "attention_logit_growth", "attention_entropy_collapse")
+               for m in moe["modules"] for f in m["findings"])  # an eps-dominated router stays in the table
+    # the drill-down's charts get the rule's lines too: the busiest expert's share and the idle experts
+    series = get(client, f"{P}/series?run=moe&layer=model.layers.0.mlp.gate")
+    assert series["thresholds"]["expert_top_share"][0]["value"] == 0.9
+    assert series["thresholds"]["experts_idle_frac"][0]["value"] == 0.25
 
 
 def test_route_applies_threshold_overrides_and_answers_400_with_a_reason(client):
@@ -136,12 +168,18 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         tb.wait_for(f"{P}/findings?run=sick", lambda status, body: status == 200 and body["steps"]["last"] == 145)
         page, frame, watch = open_tab(browser, tb.url, width=1440, height=900)
 
-        # a model without attention has no Transformer section
-        select_only(frame, "cnn")
-        cnn = frame.locator("section.panel[data-run='cnn']")
-        cnn.locator(".heat-canvas").first.wait_for(timeout=30_000)
+        # a model without attention has no Transformer section; its gradient spike is marked on the Loss strip
+        from test_gradient_spike import BAD_AT
+
+        select_only(frame, "spike")
+        mlp = frame.locator("section.panel[data-run='spike']")
+        mlp.locator(".heat-canvas[data-rows]").first.wait_for(timeout=30_000)
         page.wait_for_timeout(500)
-        assert cnn.locator(".transformer").is_hidden()
+        assert mlp.locator(".transformer").is_hidden()
+        loss = frame.locator(".loss-strip[data-run='spike'] canvas[data-marks]")
+        loss.wait_for(timeout=30_000)
+        marks = json.loads(loss.get_attribute("data-marks"))
+        assert {"issue": "gradient_spike", "step": BAD_AT} in [{k: m[k] for k in ("issue", "step")} for m in marks]
 
         select_only(frame, "sick")
         panel = frame.locator("section.panel[data-run='sick']")
@@ -205,6 +243,21 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         page.wait_for_timeout(300)
         os.makedirs(DOCS, exist_ok=True)
         page.screenshot(path=SCREENSHOT)
+
+        # a mixture of experts: its routers' load is a heatmap of its own, the collapsed router flagged
+        select_only(frame, "moe")
+        moe = frame.locator("section.panel[data-run='moe'] .transformer")
+        load = moe.locator(".heatmap[data-stat='expert_top_share'] canvas.heat-canvas[data-rows]")
+        load.wait_for(timeout=30_000)
+        assert json.loads(load.get_attribute("data-rows")) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+        assert json.loads(load.get_attribute("data-labels")) == ["layers.0 mlp.gate", "layers.1 mlp.gate"]
+        assert int(load.get_attribute("data-past-threshold")) > 0
+        assert "expert_collapse above 90%" in moe.locator(".heatmap[data-stat='expert_top_share'] .legend").inner_text()
+        assert "experts since step 0" in moe.locator(".transformer-flags li[data-layer='model.layers.0.mlp.gate']").inner_text()
+        page.mouse.move(5, 5)
+        moe.evaluate("(e) => e.scrollIntoView({block: 'start'})")
+        page.wait_for_timeout(300)
+        page.screenshot(path=SCREENSHOT_MOE)
 
         # the fixed twin: the same section, nothing past a threshold, nothing flagged
         select_only(frame, "qk_norm")

@@ -90,7 +90,8 @@ function fit(ctx, text, room) {
 export class Heatmap {
   /**
    * `owner` opens a layer's charts (`openLayer(name)`) and knows which one is open (`openName`).
-   * `quiet`: no note counting the rows never measured (a section showing only attention modules).
+   * `quiet`: no notes on the rows never measured or the shortened names (a section showing only attention
+   * modules, named in full above it).
    */
   constructor(owner, {quiet = false} = {}) {
     this.owner = owner;
@@ -185,7 +186,7 @@ export class Heatmap {
         (heat.scale === 'log' ? ' (log scale)' : '');
     const notes = [];
     if (unmeasured && !this.quiet) notes.push(`${fmtInt(unmeasured)} of ${count(heat.layers.length, 'layer')} not shown: never measured for this statistic`);
-    if (this.labels.prefix) notes.push(`names without “${this.labels.prefix}”`);
+    if (this.labels.prefix && !this.quiet) notes.push(`names without “${this.labels.prefix}”`);
     this.note.textContent = notes.join(' · ');
     this.note.hidden = !notes.length;
     this.note.dataset.hidden = String(unmeasured);
@@ -275,10 +276,10 @@ export class Heatmap {
     ctx.drawImage(off, gutter, 0, plotW, rowH * rows.length);
     // the cells past a threshold: a bar along the bottom of the row, in the rule's severity colour
     const markH = Math.max(2, Math.round(rowH / 4));
-    for (const [r, x, line] of marks) {
-      ctx.fillStyle = severityColour(line.severity);
-      const x0 = gutter + (x * plotW) / cols;
-      ctx.fillRect(x0, (r + 1) * rowH - markH, Math.max(1, plotW / cols), markH);
+    for (const [r, x, line] of marks) {  // a white hairline above it: it shows on the red end of a ramp too
+      const x0 = gutter + (x * plotW) / cols; const w = Math.max(1, plotW / cols);
+      ctx.fillStyle = '#fff'; ctx.fillRect(x0, (r + 1) * rowH - markH - 1, w, 1);
+      ctx.fillStyle = severityColour(line.severity); ctx.fillRect(x0, (r + 1) * rowH - markH, w, markH);
     }
     c.dataset.pastThreshold = String(marks.length);
     this.drawGutter(ctx, rows, labelRows, {gutter, plotW, rowH, groupW, chipW, labelled});
