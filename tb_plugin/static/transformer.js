@@ -10,6 +10,7 @@
 import {el} from './dom.js';
 import {fmtInt} from './format.js';
 import {Heatmap} from './heatmap.js';
+import {severityRank} from './state.js';
 
 const KIND_TITLE = {attention: 'attention modules', router: 'MoE routers'};
 
@@ -47,7 +48,7 @@ export class TransformerSection {
     this.root.hidden = false;
     const kinds = new Map();
     for (const m of info.modules) kinds.set(m.kind, (kinds.get(m.kind) || 0) + 1);
-    const sick = info.modules.filter((m) => m.findings.some((f) => f.severity !== 'info'));
+    const sick = info.modules.filter((m) => m.findings.some((f) => severityRank(f.severity) > 0));  // above the least severe
     this.title.replaceChildren(el('span', {text: 'Transformer'}), el('span', {class: 'muted', text:
       [...kinds].map(([kind, n]) => `${n} ${KIND_TITLE[kind] || kind}`).join(', ') +
       (sick.length ? ` · flagged: ${sick.map((m) => m.layer).join(', ')}` : ' · none flagged')}));
