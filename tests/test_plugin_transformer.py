@@ -185,7 +185,9 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         panel = frame.locator("section.panel[data-run='sick']")
         section = panel.locator(".transformer")
         section.locator(".heatmap[data-stat='attn_entropy'] canvas.heat-canvas[data-rows]").wait_for(timeout=30_000)
-        assert "flagged: blocks.0.attn, blocks.1.attn" in section.locator(".transformer-title").inner_text()
+        assert "2 attention modules · 2 flagged" in section.locator(".transformer-title").inner_text()
+        listed = section.locator(".transformer-flags li").evaluate_all("(li) => li.map((e) => e.dataset.layer)")
+        assert listed == ATTENTION
         # each flagged module in words above the heatmaps: its findings and the heads they name
         listed = section.locator(".transformer-flags li[data-layer='blocks.0.attn']").inner_text()
         for issue, head in heads["blocks.0.attn"].items():

@@ -51,7 +51,7 @@ export class TransformerSection {
     const sick = info.modules.filter((m) => m.findings.some((f) => severityRank(f.severity) > 0));  // above the least severe
     this.title.replaceChildren(el('span', {text: 'Transformer'}), el('span', {class: 'muted', text:
       [...kinds].map(([kind, n]) => `${n} ${KIND_TITLE[kind] || kind}`).join(', ') +
-      (sick.length ? ` · flagged: ${sick.map((m) => m.layer).join(', ')}` : ' · none flagged')}));
+      (sick.length ? ` · ${sick.length} flagged, listed below` : ' · none flagged')}));
     // each flagged module in words: its findings, since when, and the head they name
     this.flagged.replaceChildren(...sick.map((m) => {
       const li = el('li', {title: 'open its charts', onclick: () => this.panel.openLayer(m.layer)},
