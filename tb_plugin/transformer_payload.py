@@ -71,11 +71,11 @@ def named_head(data: RunData, layer: int, finding: rules.Finding, column: str) -
     head, times = Counter(int(h) for h in finite).most_common(1)[0]
     last = data.column(column)[at[-1], layer]
     label = statistics.statistic(column).label  # "head of the max attention logit"
-    what = label[len("head of "):] if label.startswith("head of ") else label
+    what = label.removeprefix("head of ")
     text = (f"head {head} holds {what} at {times} of {len(at)} flagged logged steps"
             + (f" (at step {int(data.steps[at[-1]])}, the last: head {int(last)})"
                if np.isfinite(last) and int(last) != head else ""))
-    return {"head": head, "statistic": column, "steps_on_head": times, "steps_flagged": int(len(at)),
+    return {"head": head, "statistic": column, "steps_on_head": times, "steps_flagged": len(at),
             "last_head": int(last) if np.isfinite(last) else None, "text": text}
 
 

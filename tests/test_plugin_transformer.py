@@ -157,7 +157,7 @@ def test_the_head_named_is_the_most_frequent_over_the_findings_steps():
 
 @pytest.mark.browser
 def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, client, tmp_path_factory):
-    from test_plugin_browser import _chromium_path, CHROMIUM_ARGS, open_tab, select_only
+    from test_plugin_browser import CHROMIUM_ARGS, _chromium_path, open_tab, select_only, select_runs
 
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
     heads = {m["layer"]: {f["issue"]: f["head"] for f in m["findings"]}
@@ -184,7 +184,7 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         select_only(frame, "sick")
         panel = frame.locator("section.panel[data-run='sick']")
         section = panel.locator(".transformer")
-        section.locator(".heatmap[data-stat='attn_entropy'] canvas.heat-canvas[data-rows]").wait_for(timeout=30_000)
+        section.locator(".section-heatmap[data-stat='attn_entropy'] canvas.section-heat-canvas[data-rows]").wait_for(timeout=30_000)
         assert "2 attention modules · 2 flagged" in section.locator(".transformer-title").inner_text()
         listed = section.locator(".transformer-flags li").evaluate_all("(li) => li.map((e) => e.dataset.layer)")
         assert listed == ATTENTION
@@ -193,11 +193,12 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         for issue, head in heads["blocks.0.attn"].items():
             assert f"head {head['head']}" in listed, (issue, listed)
         assert "attn logits since step 10" in listed
-        logit = section.locator(".heatmap[data-stat='attn_logit_max']")
-        canvas = logit.locator("canvas.heat-canvas")
+        logit = section.locator(".section-heatmap[data-stat='attn_logit_max']")
+        canvas = logit.locator("canvas.section-heat-canvas")
         canvas.wait_for(timeout=30_000)
         # one row per attention module, labelled by its block, every other layer left out
         assert json.loads(canvas.get_attribute("data-rows")) == ATTENTION
+        assert panel.locator("canvas.heat-canvas").count() == 1  # the panel's own heatmap stays the only one
         assert json.loads(canvas.get_attribute("data-labels")) == ["blocks.0 attn", "blocks.1 attn"]
         # the threshold is on the legend, and the cells past it are underlined in the warning colour
         assert "attention_logit_growth above 100" in logit.locator(".legend").inner_text()
@@ -211,10 +212,10 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         late, early = canvas.evaluate(underline, [0, 0.95]), canvas.evaluate(underline, [0, 0.02])
         assert late[0] > 200 and late[1] < 80 and late[2] < 80, f"no warning underline once past 100: {late}"
         assert not (early[0] > 200 and early[1] < 80), f"underlined before the logits passed 100: {early}"
-        entropy = section.locator(".heatmap[data-stat='attn_entropy']")
+        entropy = section.locator(".section-heatmap[data-stat='attn_entropy']")
         assert "attention_entropy_collapse below 10%" in entropy.locator(".legend").inner_text()
         # entropy: low is the alarming end, so the collapsed cells (after step 10) are the deep red ones
-        ent = entropy.locator("canvas.heat-canvas")
+        ent = entropy.locator("canvas.section-heat-canvas")
         cell = """(c, xFrac) => {
             const dpr = c.width / c.clientWidth, h = Number(c.dataset.rowHeight), g = Number(c.dataset.gutter);
             const x = g + xFrac * (c.clientWidth - g - 4);
@@ -249,12 +250,12 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         # a mixture of experts: its routers' load is a heatmap of its own, the collapsed router flagged
         select_only(frame, "moe")
         moe = frame.locator("section.panel[data-run='moe'] .transformer")
-        load = moe.locator(".heatmap[data-stat='expert_top_share'] canvas.heat-canvas[data-rows]")
+        load = moe.locator(".section-heatmap[data-stat='expert_top_share'] canvas.section-heat-canvas[data-rows]")
         load.wait_for(timeout=30_000)
         assert json.loads(load.get_attribute("data-rows")) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
         assert json.loads(load.get_attribute("data-labels")) == ["layers.0 mlp.gate", "layers.1 mlp.gate"]
         assert int(load.get_attribute("data-past-threshold")) > 0
-        assert "expert_collapse above 90%" in moe.locator(".heatmap[data-stat='expert_top_share'] .legend").inner_text()
+        assert "expert_collapse above 90%" in moe.locator(".section-heatmap[data-stat='expert_top_share'] .legend").inner_text()
         assert "experts since step 0" in moe.locator(".transformer-flags li[data-layer='model.layers.0.mlp.gate']").inner_text()
         page.mouse.move(5, 5)
         moe.evaluate("(e) => e.scrollIntoView({block: 'start'})")
@@ -264,12 +265,25 @@ def test_the_sick_block_its_finding_and_its_head_show_at_1440_by_900(logdir, cli
         # the fixed twin: the same section, nothing past a threshold, nothing flagged
         select_only(frame, "qk_norm")
         twin = frame.locator("section.panel[data-run='qk_norm'] .transformer")
-        twin.locator(".heatmap[data-stat='attn_entropy'] canvas.heat-canvas[data-rows]").wait_for(timeout=30_000)
+        twin.locator(".section-heatmap[data-stat='attn_entropy'] canvas.section-heat-canvas[data-rows]").wait_for(timeout=30_000)
         assert "none flagged" in twin.locator(".transformer-title").inner_text()
         for stat in ("attn_logit_max", "attn_entropy"):
-            c = twin.locator(f".heatmap[data-stat='{stat}'] canvas.heat-canvas")
+            c = twin.locator(f".section-heatmap[data-stat='{stat}'] canvas.section-heat-canvas")
             assert json.loads(c.get_attribute("data-rows")) == ATTENTION
             assert c.get_attribute("data-past-threshold") == "0"
+        twin_hi = float(twin.locator(".section-heatmap[data-stat='attn_logit_max'] canvas.section-heat-canvas").get_attribute("data-scale-hi"))
+        assert twin_hi == 100.0, "the twin's logits stay under 100: the threshold is the top of its own scale"
+
+        # side by side, both runs' max-logit maps share one colour scale (the sick run's range)
+        select_runs(frame, ["sick", "qk_norm"])
+        his = {}
+        for run in ("sick", "qk_norm"):
+            c = frame.locator(f"section.panel[data-run='{run}'] .section-heatmap[data-stat='attn_logit_max'] canvas.section-heat-canvas")
+            c.wait_for(timeout=30_000)
+            page.wait_for_function(
+                "(c) => Number(c.dataset.scaleHi) > 1000", arg=c.element_handle(), timeout=10_000)
+            his[run] = float(c.get_attribute("data-scale-hi"))
+        assert his["sick"] == his["qk_norm"] > 1000, his
         assert watch.errors == [] and watch.dialogs == []
         page.close()
         browser.close()

@@ -90,17 +90,18 @@ function fit(ctx, text, room) {
 export class Heatmap {
   /**
    * `owner` opens a layer's charts (`openLayer(name)`) and knows which one is open (`openName`).
-   * `quiet`: no notes on the rows never measured or the shortened names (a section showing only attention
-   * modules, named in full above it).
+   * `section`: one of a section's heatmaps (the Transformer section's), not the panel's own: classes of its
+   * own (`section-heatmap`, `section-heat-canvas`), and no notes on the rows never measured or the shortened
+   * names (it shows only attention modules, named in full above it).
    */
-  constructor(owner, {quiet = false} = {}) {
+  constructor(owner, {section = false} = {}) {
     this.owner = owner;
-    this.quiet = quiet;
+    this.quiet = section;
     this.lines = [];  // constant threshold lines of the statistic: [{rule, severity, direction, label, value}]
-    this.root = el('div', {class: 'heatmap'});
+    this.root = el('div', {class: section ? 'section-heatmap' : 'heatmap'});
     this.title = el('div', {class: 'section-title'});
     this.note = el('div', {class: 'heat-note muted', hidden: ''});
-    this.canvas = el('canvas', {class: 'heat-canvas'});
+    this.canvas = el('canvas', {class: section ? 'section-heat-canvas' : 'heat-canvas'});
     this.legend = el('div', {class: 'legend'});
     this.tip = el('div', {class: 'tip', hidden: ''});
     this.wrap = el('div', {class: 'heat-wrap'}, this.canvas, this.tip);

@@ -99,7 +99,7 @@ export class RunPanel {
     this.requests.abandon();
     this.resizing.disconnect();
     clearTimeout(this.sliderTimer);
-    this.heatmap.heat = null;  // its colour range is no longer shared
+    for (const h of this.heatmaps()) h.heat = null;  // their colour ranges are no longer shared
   }
 
   /** The table's order: the user's choice, else worst first when a finding on a layer is more than the least severe. */
@@ -135,8 +135,7 @@ export class RunPanel {
       this.banner.textContent = `Could not load run ${this.run.run}: ${err.message}`;
       return;
     }
-    await heatmap;
-    await this.transformerLoad;
+    await heatmap;  // (the Transformer section draws when its own answers come: the table does not wait for it)
     if (!findings) return;  // a newer load is on its way
     this.findings = findings;
     this.renderBanner();

@@ -65,7 +65,7 @@ export class TransformerSection {
       }
       return li;
     }));
-    const maps = info.heatmaps.map(() => new Heatmap(panel, {quiet: true}));
+    const maps = info.heatmaps.map(() => new Heatmap(panel, {section: true}));
     this.setHeatmaps(maps);
     await Promise.all(info.heatmaps.map(async (spec, i) => {
       const box = maps[i].root;
