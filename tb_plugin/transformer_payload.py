@@ -64,6 +64,8 @@ def named_head(data: RunData, layer: int, finding: rules.Finding, column: str) -
     None when the column holds no head at those steps.
     """
     at = _flagged_indices(data, finding)
+    if not at.size:
+        return None
     heads = data.column(column)[at, layer]
     finite = heads[np.isfinite(heads)]
     if not finite.size:
