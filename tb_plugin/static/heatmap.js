@@ -91,7 +91,7 @@ export class Heatmap {
   /**
    * `owner` opens a layer's charts (`openLayer(name)`) and knows which one is open (`openName`).
    * `section`: one of a section's heatmaps (the Transformer section's), not the panel's own: classes of its
-   * own (`section-heatmap`, `section-heat-canvas`), and no notes on the rows never measured or the shortened
+   * own (`section-heatmap`, `section-heat-canvas`, `section-heat-note`), and no notes on the rows never measured or the shortened
    * names (it shows only attention modules, named in full above it).
    */
   constructor(owner, {section = false} = {}) {
@@ -100,7 +100,7 @@ export class Heatmap {
     this.lines = [];  // constant threshold lines of the statistic: [{rule, severity, direction, label, value}]
     this.root = el('div', {class: section ? 'section-heatmap' : 'heatmap'});
     this.title = el('div', {class: 'section-title'});
-    this.note = el('div', {class: 'heat-note muted', hidden: ''});
+    this.note = el('div', {class: `${section ? 'section-heat-note' : 'heat-note'} muted`, hidden: ''});
     this.canvas = el('canvas', {class: section ? 'section-heat-canvas' : 'heat-canvas'});
     this.legend = el('div', {class: 'legend'});
     this.tip = el('div', {class: 'tip', hidden: ''});
