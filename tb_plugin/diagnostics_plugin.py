@@ -32,6 +32,7 @@ from .evaluation_payload import evaluation_payload
 from .loss_payload import loss_payload
 from .run_source import RunSource, UnknownRunError, thresholds_key
 from .throughput_payload import throughput_payload
+from .transformer_payload import transformer_payload
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "/throughput": self.throughput_route,
             "/evaluation": self.evaluation_route,
             "/losses": self.losses_route,
+            "/transformer": self.transformer_route,
         }
 
     def is_active(self) -> bool:
@@ -212,6 +214,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     def losses_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
         run = query.required(args, "run")
         return loss_payload(self._source.view(ctx, experiment, run, query.thresholds(args)))
+
+    @_json_route
+    def transformer_route(self, ctx: Any, experiment: str, args: Any) -> dict[str, Any]:
+        return self._run_payload(ctx, experiment, args, transformer_payload)
 
     def _run_payload(self, ctx: Any, experiment: str, args: Any, payload) -> dict[str, Any]:
         """A section's payload for ``?run=R[&threshold=...]``: the run's view and the resolved rules."""

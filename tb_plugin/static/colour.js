@@ -20,10 +20,13 @@ export function ramp(stops, t) {
   return [a[0] + f * (b[0] - a[0]), a[1] + f * (b[1] - a[1]), a[2] + f * (b[2] - a[2])];
 }
 
-/** Map values of a heatmap payload ({scale, min, max}) to [0, 1] along a ramp. */
-export function colourScale(heat) {
+/**
+ * Map values of a heatmap payload ({scale, min, max}) to [0, 1] along a ramp.  `lowIsBad`: a fraction
+ * whose low end is the alarming one (attention entropy) runs the ramp from 1 (pale) to 0 (deep red).
+ */
+export function colourScale(heat, lowIsBad = false) {
   const scale = heat.scale;
-  if (scale === 'fraction') return {stops: REDS, map: (v) => v, lo: 0, hi: 1};
+  if (scale === 'fraction') return lowIsBad ? {stops: REDS, map: (v) => 1 - v, lo: 1, hi: 0} : {stops: REDS, map: (v) => v, lo: 0, hi: 1};
   let lo = num(heat.min); let hi = num(heat.max);
   if (!Number.isFinite(lo)) lo = 0;
   if (!Number.isFinite(hi)) hi = 1;

@@ -15,12 +15,16 @@
 // inside its block, the block ("h.6") once at the top of the block, and the
 // word of its worst flag in a chip of that flag's colour.  Panels showing the
 // same statistic share one colour scale unless the user turns that off.
+//
+// A heatmap given a rule's threshold (`lines`, the Transformer section's) keeps that threshold inside its
+// colour range, marks it on the legend bar, and underlines, in the rule's severity colour, every cell past
+// it: where a module crossed the limit shows without hovering.
 
 import {colourScale, ramp, severityColour} from './colour.js';
 import {el} from './dom.js';
 import {count, fmt, fmtInt, num} from './format.js';
 import {layerLabels} from './names.js';
-import {severityRank, state, wordOf} from './state.js';
+import {readsOf, severityRank, state, wordOf} from './state.js';
 
 const ROW_MIN = 11;        // CSS px: the smallest row that still carries a readable label
 const ROW_MAX = 16;
@@ -41,18 +45,24 @@ function decodeBytes(text) {
   return bytes;
 }
 
+/** Every heatmap of every ticked panel (its main one, and its Transformer section's). */
+function allHeatmaps() {
+  return [...state.panels.values()].flatMap((panel) => (panel.heatmaps ? panel.heatmaps() : [panel.heatmap]));
+}
+
 /** The colour range every ticked panel showing `heat`'s statistic shares: the widest of theirs. */
 export function sharedRange(heat) {
   let lo = num(heat.min); let hi = num(heat.max); let runs = 0;
-  for (const panel of state.panels.values()) {
-    const other = panel.heatmap && panel.heatmap.heat;
+  const panels = new Set();
+  for (const h of allHeatmaps()) {
+    const other = h && h.heat;
     if (!other || other.stat !== heat.stat) continue;
-    runs += 1;
+    if (!panels.has(other.run)) { panels.add(other.run); runs += 1; }
     const a = num(other.min); const b = num(other.max);
     if (Number.isFinite(a) && !(a >= lo)) lo = a;
     if (Number.isFinite(b) && !(b <= hi)) hi = b;
   }
-  return {min: lo, max: hi, runs};
+  return {min: lo, max: hi, runs: Math.max(runs, 1)};
 }
 
 let refreshing = false;
@@ -63,8 +73,7 @@ export function refreshScales() {
   refreshing = true;
   requestAnimationFrame(() => {
     refreshing = false;
-    for (const panel of state.panels.values()) {
-      const h = panel.heatmap;
+    for (const h of allHeatmaps()) {
       if (h && h.heat && h.rangeKey() !== h.drawnRange) h.draw();
     }
   });
@@ -79,13 +88,20 @@ function fit(ctx, text, room) {
 }
 
 export class Heatmap {
-  /** `owner` opens a layer's charts (`openLayer(name)`) and knows which one is open (`openName`). */
-  constructor(owner) {
+  /**
+   * `owner` opens a layer's charts (`openLayer(name)`) and knows which one is open (`openName`).
+   * `section`: one of a section's heatmaps (the Transformer section's), not the panel's own: classes of its
+   * own (`section-heatmap`, `section-heat-canvas`, `section-heat-note`), and no notes on the rows never measured or the shortened
+   * names (it shows only attention modules, named in full above it).
+   */
+  constructor(owner, {section = false} = {}) {
     this.owner = owner;
-    this.root = el('div', {class: 'heatmap'});
+    this.quiet = section;
+    this.lines = [];  // constant threshold lines of the statistic: [{rule, severity, direction, label, value}]
+    this.root = el('div', {class: section ? 'section-heatmap' : 'heatmap'});
     this.title = el('div', {class: 'section-title'});
-    this.note = el('div', {class: 'heat-note muted', hidden: ''});
-    this.canvas = el('canvas', {class: 'heat-canvas'});
+    this.note = el('div', {class: `${section ? 'section-heat-note' : 'heat-note'} muted`, hidden: ''});
+    this.canvas = el('canvas', {class: section ? 'section-heat-canvas' : 'heat-canvas'});
     this.legend = el('div', {class: 'legend'});
     this.tip = el('div', {class: 'tip', hidden: ''});
     this.wrap = el('div', {class: 'heat-wrap'}, this.canvas, this.tip);
@@ -98,8 +114,10 @@ export class Heatmap {
     });
   }
 
-  set(heat) {
+  /** Draw `heat` (a /heatmap answer); `lines`, the rule thresholds to mark (a /transformer heatmap's `lines`). */
+  set(heat, lines = []) {
     this.heat = heat;
+    this.lines = lines.filter((l) => Number.isFinite(num(l.value)));
     this.matrix = new Float32Array(decodeBytes(heat.values).buffer);
     this.nanValues = heat.nan_values ? decodeBytes(heat.nan_values) : null;
     const [nLayers, nSteps] = heat.shape;
@@ -125,8 +143,33 @@ export class Heatmap {
     return idx;
   }
 
+  /**
+   * The finding a flagged row's chip names: its worst, or, on a heatmap marking a rule's threshold, the
+   * finding of a rule that reads this statistic (the max-logit map says "attn logits", not "attn collapse").
+   */
+  /** A fraction whose rule fires below its threshold (attention entropy): its low end gets the alarming colour. */
+  lowIsBad() { return this.heat.scale === 'fraction' && this.lines.some((l) => l.direction === 'below'); }
+
+  chipIssue(flag) {
+    if (this.lines.length) {
+      const own = flag.issues.find((issue) => readsOf(issue).includes(this.heat.stat));
+      if (own) return own;
+    }
+    return flag.worst_issue || flag.issues[0];
+  }
+
   /** The colour range this heatmap is drawn with now: its own, or the one it shares with the other panels. */
-  range() { return state.sharedScale ? sharedRange(this.heat) : {min: num(this.heat.min), max: num(this.heat.max), runs: 1}; }
+  range() {
+    const r = state.sharedScale ? sharedRange(this.heat) : {min: num(this.heat.min), max: num(this.heat.max), runs: 1};
+    // a threshold stays on the scale: a healthy run far under it reads as far under it, not as the hottest colour
+    for (const l of this.lines) {
+      const v = num(l.value);
+      if (this.heat.scale === 'log' && !(v > 0)) continue;
+      if (!(v >= r.min)) r.min = v;
+      if (!(v <= r.max)) r.max = v;
+    }
+    return r;
+  }
 
   rangeKey() {
     const r = this.range();
@@ -143,8 +186,8 @@ export class Heatmap {
         `${heat.label} — ${count(rows.length, 'layer')} × ${count(nSteps, 'logged step')}` +
         (heat.scale === 'log' ? ' (log scale)' : '');
     const notes = [];
-    if (unmeasured) notes.push(`${fmtInt(unmeasured)} of ${count(heat.layers.length, 'layer')} not shown: never measured for this statistic`);
-    if (this.labels.prefix) notes.push(`names without “${this.labels.prefix}”`);
+    if (unmeasured && !this.quiet) notes.push(`${fmtInt(unmeasured)} of ${count(heat.layers.length, 'layer')} not shown: never measured for this statistic`);
+    if (this.labels.prefix && !this.quiet) notes.push(`names without “${this.labels.prefix}”`);
     this.note.textContent = notes.join(' · ');
     this.note.hidden = !notes.length;
     this.note.dataset.hidden = String(unmeasured);
@@ -165,7 +208,7 @@ export class Heatmap {
       ctx.font = CHIP_FONT;
       for (const i of rows) {
         const flag = flagOf(i);
-        if (flag) chipW = Math.max(chipW, ctx.measureText(wordOf(flag.worst_issue || flag.issues[0])).width + 8);
+        if (flag) chipW = Math.max(chipW, ctx.measureText(wordOf(this.chipIssue(flag))).width + 8);
       }
       ctx.font = GROUP_FONT;
       for (const r of labelRows) if (r.group && r.group !== r.label) groupW = Math.max(groupW, ctx.measureText(r.group).width + 6);
@@ -197,25 +240,30 @@ export class Heatmap {
     // One image pixel per column bucket and per row; scaled by drawImage (no smoothing).
     const cols = Math.max(1, Math.min(nSteps, Math.floor(plotW * dpr)));
     const image = new ImageData(cols, rows.length);
-    const cs = colourScale({scale: heat.scale, min: range.min, max: range.max});
+    const cs = colourScale({scale: heat.scale, min: range.min, max: range.max}, this.lowIsBad());
     c.dataset.scaleLo = String(cs.lo); c.dataset.scaleHi = String(cs.hi);
     const data = image.data; const m = this.matrix; const nan = this.nanValues;
     const useMax = heat.scale !== 'log';
     const paint = (o, rgb) => { data[o] = rgb[0]; data[o + 1] = rgb[1]; data[o + 2] = rgb[2]; data[o + 3] = 255; };
+    const past = (v) => this.lines.find((l) => (l.direction === 'below' ? v < num(l.value) : v > num(l.value)));
+    const marks = [];  // [row, column, line]: cells where some step is past a threshold
     for (let r = 0; r < rows.length; r++) {
       const base = rows[r] * nSteps;
       for (let x = 0; x < cols; x++) {
         const a = Math.floor((x * nSteps) / cols); const b = Math.max(a + 1, Math.floor(((x + 1) * nSteps) / cols));
         let agg = useMax ? -Infinity : 0; let n = 0; let zeros = 0; let nonfinite = false;
+        let beyond = null;
         for (let s = a; s < b; s++) {
           const v = m[base + s];
           if (Number.isNaN(v)) { if (nan && nan[base + s]) nonfinite = true; continue; }
+          if (this.lines.length && !beyond) beyond = past(v) || null;
           if (!Number.isFinite(v)) { nonfinite = true; continue; }
           if (useMax) { if (v > agg) agg = v; n++; }
           else if (v === 0) zeros++;  // painted as zero only where every value of the column is 0
           else { agg += v > 0 ? Math.log10(v) : -30; n++; }
         }
         const o = 4 * (r * cols + x);
+        if (beyond) marks.push([r, x, beyond]);
         if (nonfinite) { paint(o, NAN_RGB); continue; }
         if (!n && zeros) { paint(o, ZERO_RGB); continue; }
         if (!n) { paint(o, UNMEASURED_RGB); continue; }
@@ -227,6 +275,14 @@ export class Heatmap {
     off.getContext('2d').putImageData(image, 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(off, gutter, 0, plotW, rowH * rows.length);
+    // the cells past a threshold: a bar along the bottom of the row, in the rule's severity colour
+    const markH = Math.max(2, Math.round(rowH / 4));
+    for (const [r, x, line] of marks) {  // a white hairline above it: it shows on the red end of a ramp too
+      const x0 = gutter + (x * plotW) / cols; const w = Math.max(1, plotW / cols);
+      ctx.fillStyle = '#fff'; ctx.fillRect(x0, (r + 1) * rowH - markH - 1, w, 1);
+      ctx.fillStyle = severityColour(line.severity); ctx.fillRect(x0, (r + 1) * rowH - markH, w, markH);
+    }
+    c.dataset.pastThreshold = String(marks.length);
     this.drawGutter(ctx, rows, labelRows, {gutter, plotW, rowH, groupW, chipW, labelled});
     // Step axis.
     ctx.fillStyle = '#555'; ctx.font = '11px sans-serif'; ctx.textBaseline = 'top';
@@ -264,7 +320,7 @@ export class Heatmap {
           text = `${lab.group} `;
         }
         if (flag) {
-          const word = wordOf(flag.worst_issue || flag.issues[0]);
+          const word = wordOf(this.chipIssue(flag));
           const x0 = gutter - chipW; const w = chipW - 3; const h = Math.min(rowH - 2, 13);
           ctx.font = CHIP_FONT; ctx.textAlign = 'center';
           if (alarming) {
@@ -303,8 +359,19 @@ export class Heatmap {
       ctx.fillStyle = `rgb(${R},${G},${B})`; ctx.fillRect(x, 0, 1, 10);
     }
     const scale = this.heat.scale;
+    for (const l of this.lines) {  // the threshold's place on the bar: a tick in its severity colour
+      const x = Math.round(Math.min(1, Math.max(0, cs.map(num(l.value)))) * 159);
+      ctx.fillStyle = severityColour(l.severity); ctx.fillRect(Math.max(0, x - 1), 0, 3, 10);
+    }
     this.legend.append(
         el('span', {text: fmt(cs.lo, scale)}), bar, el('span', {text: fmt(cs.hi, scale)}));
+    for (const l of this.lines) {
+      const item = el('span', {class: `thr-key sev-${l.severity}`},
+          el('span', {class: `thr-swatch sev-${l.severity}`}),
+          ` ${l.label} ${l.direction} ${fmt(num(l.value), scale)}: cells past it underlined`);
+      item.dataset.rule = l.rule;
+      this.legend.append(item);
+    }
     if (runs > 1 && scale !== 'fraction') this.legend.append(el('span', {class: 'muted', text: `one scale for ${runs} runs`}));
     if (scale === 'log') this.legend.append(el('span', {class: 'swatch zero'}), el('span', {text: 'exactly 0'}));
     this.legend.append(

@@ -164,11 +164,11 @@ export async function render() {
   });
   only.addEventListener('change', () => {
     state.onlyFlagged = only.checked;
-    for (const panel of state.panels.values()) { panel.heatmap.draw(); panel.renderTable(); }
+    for (const panel of state.panels.values()) { panel.drawHeatmaps(); panel.renderTable(); }
   });
   shared.addEventListener('change', () => {
     state.sharedScale = shared.checked;
-    for (const panel of state.panels.values()) panel.heatmap.draw();
+    for (const panel of state.panels.values()) panel.drawHeatmaps();
   });
   renderRunSelector(selector);
   new RulesPanel(rulesHost, reloadAll).render();

@@ -16,6 +16,7 @@ import {count, flagTooltip, fmt, fmtInt, measured, num} from './format.js';
 import {Heatmap} from './heatmap.js';
 import {layerLabels} from './names.js';
 import {Requests} from './requests.js';
+import {TransformerSection} from './transformer.js';
 import {primaryStat, readsOf, ruleOf, severityRank, state, statisticOf, wordOf, worstOf} from './state.js';
 
 const ORDERS = [['worst', 'worst first'], ['model', 'model order']];
@@ -59,6 +60,7 @@ export class RunPanel {
     this.root.dataset.run = run.run;
     this.banner = el('div', {class: 'banner'});
     this.heatmap = new Heatmap(this);
+    this.transformer = new TransformerSection(this);  // hidden unless the run has attention modules or routers
     this.stepLabel = el('span', {class: 'step-label'});
     this.slider = el('input', {type: 'range', min: 0, max: 0, value: 0, class: 'step-slider',
       'aria-label': 'step shown in the table'});
@@ -80,7 +82,7 @@ export class RunPanel {
                 el('div', {class: 'section-title'}, 'Per-layer health at ', this.stepLabel, this.slider,
                     el('label', {class: 'order'}, 'sort ', this.orderSelect)),
                 this.tableHost),
-            el('div', {class: 'col-heat'}, this.heatmap.root, this.drill)));
+            el('div', {class: 'col-heat'}, this.heatmap.root, this.transformer.root, this.drill)));
     // canvases follow the room the panel gets: another run ticked, the window resized
     this.widths = new WeakMap();
     this.resizing = new ResizeObserver((entries) => {
@@ -97,7 +99,7 @@ export class RunPanel {
     this.requests.abandon();
     this.resizing.disconnect();
     clearTimeout(this.sliderTimer);
-    this.heatmap.heat = null;  // its colour range is no longer shared
+    for (const h of this.heatmaps()) h.heat = null;  // their colour ranges are no longer shared
   }
 
   /** The table's order: the user's choice, else worst first when a finding on a layer is more than the least severe. */
@@ -108,14 +110,23 @@ export class RunPanel {
     return sick ? 'worst' : 'model';
   }
 
-  redraw() {
+  /** The panel's heatmaps: the main one and the Transformer section's (they share colour scales across runs). */
+  heatmaps() { return [this.heatmap, ...this.transformer.heatmaps]; }
+
+  drawHeatmaps() {
     this.heatmap.draw();
+    this.transformer.draw();
+  }
+
+  redraw() {
+    this.drawHeatmaps();
     for (const chart of this.charts) chart.draw();
   }
 
   /** Everything again: findings, heatmap, the table at the last step, the open drill-down. */
   async load() {
     const heatmap = this.reloadHeatmap();
+    this.transformerLoad = this.transformer.load();
     let findings;
     try {
       findings = await this.requests.get('findings', 'findings', {run: this.run.run});
@@ -124,7 +135,7 @@ export class RunPanel {
       this.banner.textContent = `Could not load run ${this.run.run}: ${err.message}`;
       return;
     }
-    await heatmap;
+    await heatmap;  // (the Transformer section draws when its own answers come: the table does not wait for it)
     if (!findings) return;  // a newer load is on its way
     this.findings = findings;
     this.renderBanner();
@@ -251,7 +262,7 @@ export class RunPanel {
     this.charts = [];
     this.drill.hidden = true;
     this.drill.replaceChildren();
-    this.heatmap.draw();
+    this.drawHeatmaps();
     this.renderTable();
   }
 
@@ -260,7 +271,7 @@ export class RunPanel {
     for (const tr of this.tableHost.querySelectorAll('tr.layer-row')) {
       tr.classList.toggle('open', tr.dataset.layer === name);
     }
-    this.heatmap.draw();
+    this.drawHeatmaps();
     let series;
     try {
       series = await this.requests.get('series', 'series', {run: this.run.run, layer: name});
@@ -305,9 +316,17 @@ export class RunPanel {
           canvas, legend));
       this.charts.push({canvas, draw: () => drawChart(canvas, series.steps, series.series[name], st.scale, lines, findings)});
     }
+    await this.transformerLoad;  // the heads the findings name come with the Transformer section
+    if (this.openName !== name) return;  // another layer was opened meanwhile
+    const heads = this.transformer.headNotes(name);
     const notes = el('ul', {class: 'drill-findings'});
     for (const f of series.findings) {
-      notes.append(el('li', {}, flagChip(f), ' ', f.message, el('div', {class: 'advice', text: `What to try: ${f.advice}`})));
+      const head = heads.find((h) => h.issue === f.issue);
+      const said = head ? el('div', {class: 'head-note'}, el('strong', {text: `head ${head.head.head}`}),
+          ` — ${head.head.text}`) : null;
+      if (said) said.dataset.head = String(head.head.head);
+      notes.append(el('li', {}, flagChip(f), ' ', f.message, ...(said ? [said] : []),
+          el('div', {class: 'advice', text: `What to try: ${f.advice}`})));
     }
     this.drill.replaceChildren(header, notes, charts);
     this.drill.hidden = false;

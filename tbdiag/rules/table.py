@@ -601,6 +601,8 @@ RULES: tuple[Rule, ...] = (
                "router_aux_loss_coef ~0.01-0.02) and the router z-loss; add router jitter noise; lower the "
                "router's learning rate; check the router's initialisation (no large bias).",
         word="experts", reads=("expert_top_share", "experts_idle_frac"),
+        lines=(ThresholdLine("expert_top_share", "above", "expert_collapse"),
+               ThresholdLine("experts_idle_frac", "above", "expert_collapse idle", setting="idle")),
     ),
     Rule(
         name="attention_logit_growth",
