@@ -72,12 +72,16 @@ def train_run(logdir: str, *, dead: bool, steps: int = 40, log_every: int = 2, s
                  activation_histograms=False)
     gen = torch.Generator().manual_seed(seed)
     templates = torch.randn(10, 1, 16, 16, generator=gen)  # a pattern per class: a healthy loss really falls
-    for step in range(steps):
+    batches = []
+    for _ in range(steps):
+        y = torch.randint(0, 10, (64,), generator=gen)
+        batches.append((torch.randn(64, 1, 16, 16, generator=gen) + templates[y], y))
+    # a watched loader: the input wait is the loader's own time, not this loop's Python between steps (which a
+    # busy machine stretches to half of a 4 ms step)
+    for step, (x, y) in enumerate(writer.watch_loader(batches)):
         if dead and step == dead_from:
             with torch.no_grad():
                 model.conv2.bias.fill_(-10.0)  # the illness: every conv2 channel stops firing
-        y = torch.randint(0, 10, (64,), generator=gen)
-        x = torch.randn(64, 1, 16, 16, generator=gen) + templates[y]
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
