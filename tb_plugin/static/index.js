@@ -11,10 +11,10 @@
 import {el} from './dom.js';
 import {EvaluationSection} from './evaluation.js';
 import {refreshScales} from './heatmap.js';
-import {attachLoss} from './loss.js';
+import {LossStrip} from './loss.js';
 import {RunPanel} from './panel.js';
 import {RulesPanel} from './rules_panel.js';
-import {attachThroughput} from './throughput.js';
+import {ThroughputStrip} from './throughput.js';
 import {Requests, getJSON} from './requests.js';
 import {primaryStat, severityRank, state} from './state.js';
 
@@ -81,8 +81,8 @@ function renderPanels() {
     if (!panel) {
       panel = new RunPanel(state.runs.find((r) => r.run === name));
       state.panels.set(name, panel);
-      attachThroughput(panel);  // its load() and dispose() now cover the Throughput strip too
-      attachLoss(panel);  // and the Loss strip, right under the banner
+      panel.addStrip(new ThroughputStrip(name));  // its load() and dispose() now cover the strip too
+      panel.addStrip(new LossStrip(name));  // and the Loss strip, right under the banner
       panel.load();
       panel.evaluation = new EvaluationSection(panel);
     }

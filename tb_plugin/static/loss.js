@@ -11,7 +11,7 @@
 // spans more than two decades (a blow-up would flatten a linear one); NaN and
 // Inf are magenta ticks at the top edge, as in every chart of the tab.
 // A link opens TensorBoard's own Time Series with the curves pinned at the top.
-// `attachLoss(panel)` puts the strip under the panel's banner and ties it to
+// `RunPanel.addStrip` puts the strip under the panel's banner and ties it to
 // the panel's load and dispose.
 
 import {chartAxis} from './chart.js';
@@ -142,7 +142,7 @@ export function drawLoss(canvas, series, marks) {
   return {X, pad, pw, s0, s1};
 }
 
-class LossStrip {
+export class LossStrip {
   constructor(run) {
     this.run = run;
     this.requests = new Requests();
@@ -237,15 +237,4 @@ class LossStrip {
     this.requests.abandon();
     this.resizing.disconnect();
   }
-}
-
-/** Add a Loss strip to a run panel (`panel.js`), under its banner, loaded and disposed with it. */
-export function attachLoss(panel) {
-  const strip = new LossStrip(panel.run.run);
-  panel.banner.after(strip.root);
-  const load = panel.load.bind(panel);
-  const dispose = panel.dispose.bind(panel);
-  panel.load = () => Promise.all([load(), strip.load()]);
-  panel.dispose = () => { dispose(); strip.dispose(); };
-  return strip;
 }

@@ -94,6 +94,16 @@ export class RunPanel {
     this.resizing.observe(this.drill);
   }
 
+  /** Put ``strip`` (a section with ``root``, ``load()`` and ``dispose()``: Loss, Throughput) right under the
+   * banner, loaded and disposed with the panel. */
+  addStrip(strip) {
+    this.banner.after(strip.root);
+    const load = this.load.bind(this);
+    const dispose = this.dispose.bind(this);
+    this.load = () => Promise.all([load(), strip.load()]);
+    this.dispose = () => { dispose(); strip.dispose(); };
+  }
+
   /** The panel is closed: answers still on their way are dropped, resizing is no longer followed. */
   dispose() {
     this.requests.abandon();

@@ -2,8 +2,8 @@
 //
 // Fed by the /throughput route (tbdiag's perf/* scalars, the input_bound
 // findings and the rule's two limits).  Hidden when the run has no throughput
-// data.  `attachThroughput(panel)` puts the strip under the panel's banner and
-// ties it to the panel's load and dispose, so the panel itself needs no change.
+// data.  `RunPanel.addStrip` puts the strip under the panel's banner and ties it
+// to the panel's load and dispose.
 
 import {drawChart} from './chart.js';
 import {el} from './dom.js';
@@ -17,7 +17,7 @@ const CHARTS = [
   {tag: 'perf/samples_per_sec', title: 'Samples/s', unit: '', scale: 'quantity'},
 ];
 
-class ThroughputStrip {
+export class ThroughputStrip {
   constructor(run) {
     this.run = run;
     this.requests = new Requests();
@@ -70,15 +70,4 @@ class ThroughputStrip {
     this.requests.abandon();
     this.resizing.disconnect();
   }
-}
-
-/** Add a Throughput strip to a run panel (`panel.js`), loaded and disposed with it. */
-export function attachThroughput(panel) {
-  const strip = new ThroughputStrip(panel.run.run);
-  panel.banner.after(strip.root);
-  const load = panel.load.bind(panel);
-  const dispose = panel.dispose.bind(panel);
-  panel.load = () => Promise.all([load(), strip.load()]);
-  panel.dispose = () => { dispose(); strip.dispose(); };
-  return strip;
 }
