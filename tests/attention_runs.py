@@ -14,9 +14,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from recipes import LAST_WINDOW, VOCAB, batch_rows, stride_sequences, train_loop
 from torch import nn
-
-from recipes import LAST_WINDOW, VOCAB, _cycle, stride_sequences, train_loop
 
 SEQ = 32
 
@@ -92,7 +91,7 @@ def tiny_lm(logdir: str, steps: int = 200, log_every: int = 5, seed: int = 0, *,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 
     def loss_of(m, step):
-        x = data[_cycle(len(data), batch, step)]
+        x = data[batch_rows(len(data), batch, step)]
         logits = m(x[:, :-1])
         return F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
 

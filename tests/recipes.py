@@ -101,7 +101,8 @@ def noisy_labels(y: torch.Tensor, classes: int, frac: float = 0.1, seed: int = 0
     return torch.where(flip, other, y)
 
 
-def _cycle(n: int, batch: int, step: int) -> torch.Tensor:
+def batch_rows(n: int, batch: int, step: int) -> torch.Tensor:
+    """The rows of a data set of ``n`` that make ``step``'s batch: consecutive, wrapping around."""
     return torch.arange(step * batch, (step + 1) * batch) % n
 
 
@@ -163,10 +164,10 @@ def train_loop(
     return losses[0], (sum(tail) / len(tail) if tail else float("nan"))
 
 
-def _lm_loss(data: torch.Tensor, batch: int, bad_batch: int | None = None):
+def next_token_loss(data: torch.Tensor, batch: int, bad_batch: int | None = None):
     """``bad_batch=s``: at step ``s`` the labels are shifted by half the vocabulary (a misaligned shard)."""
     def loss_of(model, step):
-        x = data[_cycle(len(data), batch, step)]
+        x = data[batch_rows(len(data), batch, step)]
         return model(input_ids=x, labels=(x + VOCAB // 2) % VOCAB if step == bad_batch else x).loss
     return loss_of
 
@@ -186,7 +187,7 @@ def gpt2(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 
 
     ``dead_block=i``: after init, ``transformer.h[i].mlp.c_fc.bias`` is set to -20, so that block's GELU
     outputs 0 and passes back no gradient.  ``warmup=0`` removes the warm-up (default: 10% of the steps).
-    ``bad_batch=s``: the batch of step ``s`` has its labels shifted by half the vocabulary (`_lm_loss`).
+    ``bad_batch=s``: the batch of step ``s`` has its labels shifted by half the vocabulary (`next_token_loss`).
     """
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(gpt2_config(n_layer))
@@ -195,7 +196,7 @@ def gpt2(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 
             model.transformer.h[dead_block].mlp.c_fc.bias.fill_(-20.0)
     opt = adamw(model, lr, weight_decay=0.1)
     sched = warmup_cosine(opt, steps, steps // 10 if warmup is None else warmup)
-    return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch, bad_batch), steps,
+    return train_loop(logdir, model, opt, sched, next_token_loss(stride_sequences(4096, seed), batch, bad_batch), steps,
                       log_every, zero_grad=zero_grad, train_mode=train_mode)
 
 
@@ -212,7 +213,7 @@ def llama(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int =
     model = transformers.LlamaForCausalLM(llama_config())
     opt = adamw(model, lr, weight_decay=0.1)
     sched = warmup_cosine(opt, steps, steps // 10)
-    return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch), steps, log_every)
+    return train_loop(logdir, model, opt, sched, next_token_loss(stride_sequences(4096, seed), batch), steps, log_every)
 
 
 def llama_bf16(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 0, *, lr: float = 3e-3,
@@ -223,7 +224,7 @@ def llama_bf16(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: 
     model = transformers.LlamaForCausalLM(llama_config())
     opt = adamw(model, lr, weight_decay=0.1)
     sched = warmup_cosine(opt, steps, steps // 10)
-    lm_loss = _lm_loss(stride_sequences(4096, seed), batch)
+    lm_loss = next_token_loss(stride_sequences(4096, seed), batch)
 
     def loss_of(m, step):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -261,7 +262,7 @@ def mixtral(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int
                 layer.mlp.gate.weight[:2] += 5.0 * gain / gain.norm()
     opt = adamw(model, lr, weight_decay=0.1)
     sched = warmup_cosine(opt, steps, steps // 10)
-    return train_loop(logdir, model, opt, sched, _lm_loss(stride_sequences(4096, seed), batch), steps, log_every)
+    return train_loop(logdir, model, opt, sched, next_token_loss(stride_sequences(4096, seed), batch), steps, log_every)
 
 
 # ----------------------------------------------------------------- T5 with Adafactor
@@ -279,7 +280,7 @@ def _continuation_loss(data: torch.Tensor, batch: int):
     half = data.shape[1] // 2
 
     def loss_of(model, step):
-        x = data[_cycle(len(data), batch, step)]
+        x = data[batch_rows(len(data), batch, step)]
         return model(input_ids=x[:, :half].contiguous(), labels=x[:, half:].contiguous()).loss
     return loss_of
 
@@ -355,7 +356,7 @@ def bert(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: int = 
     sched = warmup_cosine(opt, steps, steps // 10)
 
     def loss_of(m, step):
-        idx = _cycle(len(x), batch, step)
+        idx = batch_rows(len(x), batch, step)
         if zero_mask:  # every position masked out: attention passes back exactly zero to queries and keys
             return m(input_ids=x[idx], attention_mask=torch.zeros_like(x[idx]), labels=y[idx]).loss
         return m(input_ids=x[idx], labels=y[idx]).loss
@@ -393,7 +394,7 @@ def bert_mlm(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: in
     sched = transformers.get_linear_schedule_with_warmup(opt, steps // 10, steps)
 
     def loss_of(m, step):
-        inputs, labels = masked_tokens(data[_cycle(len(data), batch, step)], step, seed, mask_id=VOCAB)
+        inputs, labels = masked_tokens(data[batch_rows(len(data), batch, step)], step, seed, mask_id=VOCAB)
         return m(input_ids=inputs, labels=labels).loss
 
     return train_loop(logdir, model, opt, sched, loss_of, steps, log_every)
@@ -404,7 +405,7 @@ def bert_mlm(logdir: str, steps: int = 240, log_every: int = LOG_EVERY, seed: in
 
 def _image_loss(x: torch.Tensor, y: torch.Tensor, batch: int, softmax_in_loss: bool = False):
     def loss_of(model, step):
-        idx = _cycle(len(x), batch, step)
+        idx = batch_rows(len(x), batch, step)
         logits = model(pixel_values=x[idx]).logits
         if softmax_in_loss:
             logits = logits.softmax(-1)  # the mistake: cross_entropy(logits.softmax(-1), y)
@@ -524,7 +525,7 @@ def mlp_sgd(logdir: str, steps: int = 600, log_every: int = LOG_EVERY, seed: int
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
     def loss_of(m, step):
-        idx = _cycle(len(x), batch, step)
+        idx = batch_rows(len(x), batch, step)
         return F.cross_entropy(m(x[idx]), y[idx])
 
     return train_loop(logdir, model, opt, sched, loss_of, steps, log_every, clip=None)

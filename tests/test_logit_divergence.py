@@ -37,7 +37,7 @@ def _train(logdir: str, lr: float) -> list[float]:
     writer.watch(model, opt, log_every=LOG_EVERY)
     try:
         for step in range(STEPS):
-            x = data[recipes._cycle(len(data), 16, step)]
+            x = data[recipes.batch_rows(len(data), 16, step)]
             loss = model(input_ids=x, labels=x).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -109,7 +109,7 @@ def biased_router(model: nn.Module, strength: float = 5.0) -> None:
 def train_lm(logdir: str, model: nn.Module, steps: int, lr: float = 3e-3, each_step=None) -> list:
     opt = recipes.adamw(model, lr, weight_decay=0.1)
     sched = recipes.warmup_cosine(opt, steps, steps // 10)
-    loss_of = recipes._lm_loss(recipes.stride_sequences(4096, 0), 16)
+    loss_of = recipes.next_token_loss(recipes.stride_sequences(4096, 0), 16)
 
     def stepped(m, step):
         if each_step is not None:
