@@ -105,7 +105,9 @@ STATISTICS: tuple[Statistic, ...] = (
               "Adam updates dominated by eps", "eps-dominated", "fraction", "nonzero"),
     Statistic("spike_grad_norm", "L2 norm of the layer's gradients at grad_spike_step, the step since the previous "
               "logging step whose global gradient norm jumped most against the last 128 steps (any step, measured "
-              "before clipping); NaN before the tracker has history",
+              "before clipping); on a CPU, a larger gradient's norm is estimated from a fixed sample of 4,096 of "
+              "its elements (tbdiag.measure.sampled_norms: within 50% per layer, 12% for the global norm); NaN "
+              "before the tracker has history",
               "gradient norm at the spike step", "spike grad", "log", "with_finding"),
     Statistic("expert_top_share", "share of the tokens a mixture-of-experts router sends to its busiest expert "
               "(among each token's top-k choices): top_k / num_experts when balanced, 1 when every token picks it "
@@ -189,7 +191,8 @@ MODEL_STATISTICS: tuple[Statistic, ...] = (
               "output log Z (largest row)", "log Z max", "linear", "never"),
     Statistic("grad_spike_step", "the step (any step, not only logging steps) since the previous logging step whose "
               "global gradient norm, taken before clipping, stood furthest above the last 128 steps' "
-              "(tbdiag.measure.gradient_spikes); NaN until 16 steps of history",
+              "(tbdiag.measure.gradient_spikes; on a CPU the norms of every step are estimates compared with "
+              "estimates, tbdiag.measure.sampled_norms); NaN until 16 steps of history",
               "largest gradient jump: step", "spike step", "linear", "never"),
     Statistic("grad_spike_z", "that step's robust z-score: (norm - median) / (1.4826 x MAD) of the last 128 global "
               "gradient norms",

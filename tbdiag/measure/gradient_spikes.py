@@ -3,8 +3,9 @@
 A logging step sees one step in ``log_every``; a bad batch in between spikes
 the gradient norm, the optimizer takes the step, and the next logging step
 shows only the aftermath.  So every step feeds its per-parameter gradient
-norms (one fused ``torch._foreach_norm``) to a `SpikeTracker`, which keeps,
-without any host read:
+norms (`tbdiag.measure.sampled_norms`: exact on an accelerator, estimated
+from a fixed sample of each large gradient on a CPU) to a `SpikeTracker`,
+which keeps, without any host read:
 
 - a ring of the last `RING` global gradient norms (OLMo-core's stability
   monitor judges against the last 128 values);
@@ -15,11 +16,11 @@ without any host read:
   output carries one (Hugging Face ``.loss``), and every parameter's gradient
   norm at that step, so the layers that carried the jump can be named.
 
-A step only writes its norms, its loss and its step number into a row of a
-buffer (a few small copies: the per-step cost is the norm itself).  The
-judging is batched: at the logging step, or when `WINDOW` steps have
-gathered, every buffered step is scored against the ring values before it in
-one pass (the medians of a ``[steps, RING]`` sliding view) and the best one
+A step only hands over its norms, its loss and its step number, kept in
+Python lists (no kernel: the per-step cost is the norm itself).  The judging
+is batched: at the logging step, or when `WINDOW` steps have gathered, the
+buffered steps are stacked and each is scored against the ring values before
+it in one pass (the medians of a ``[steps, RING]`` sliding view), the best one
 kept with a ``torch.where``.  The logging step sends the kept values with its
 single transfer and starts a new window.  The thresholds live in the rule
 (`tbdiag.rules.spikes`), so they can change after training: the tracker only
@@ -74,57 +75,71 @@ class SpikeTracker:
         self.window = WINDOW if window is None else window
         self._history: torch.Tensor | None = None  # [ring] global norms before the buffered steps, oldest first
         self._loss_history: torch.Tensor | None = None
-        self._norms: torch.Tensor | None = None  # [window, parameters] buffered steps' per-parameter norms
-        self._losses: torch.Tensor | None = None  # [window] their losses (NaN: none)
-        self._steps: torch.Tensor | None = None  # [window] their step numbers (float64)
-        self._count = 0  # steps buffered
+        self._n_params = 0
+        # the buffered steps, as handed over (no device work per step): norms, their parameter positions, loss
+        self._rows: list[torch.Tensor] = []
+        self._positions: list[int] | None = None  # the buffered rows' positions (one list for the window)
+        self._losses: list[torch.Tensor | None] = []
+        self._steps: list[int] = []
         self._seen = 0  # steps written into the ring before the buffered ones
         self._judged = False  # some step of this window had history enough to be judged
         self._index: dict[tuple[int, ...], torch.Tensor] = {}  # parameter positions -> index tensor (device)
         self._best: dict[str, torch.Tensor] | None = None  # this window's kept step
 
     def _allocate(self, n_params: int, device: torch.device) -> None:
-        nan = math.nan
-        self._history = torch.full((self.ring_size,), nan, device=device)
-        self._loss_history = torch.full((self.ring_size,), nan, device=device)
-        self._norms = torch.zeros((self.window, n_params), device=device)
-        self._losses = torch.full((self.window,), nan, device=device)
-        self._steps = torch.zeros((self.window,), dtype=torch.float64, device=device)
+        self._history = torch.full((self.ring_size,), math.nan, device=device)
+        self._loss_history = torch.full((self.ring_size,), math.nan, device=device)
+        self._n_params = n_params
         self._index.clear()
-        self._count, self._seen, self._judged, self._best = 0, 0, False, None
+        self._rows, self._losses, self._steps, self._positions = [], [], [], None
+        self._seen, self._judged, self._best = 0, False, None
 
     def observe(self, step: int, norms: torch.Tensor, positions: list[int], n_params: int,
                 loss: torch.Tensor | None = None) -> None:
-        """One step's per-parameter gradient norms (float32 vector at ``positions`` of ``n_params``), and its loss."""
-        device = norms.device
-        if self._norms is None or self._norms.device != device or self._norms.shape[1] != n_params:
-            self._allocate(n_params, device)
-        i = self._count
-        row = self._norms[i]
-        if len(positions) == n_params:
-            row.copy_(norms)
-        else:  # parameters without a gradient at this step count as 0 there
-            key = tuple(positions)
-            index = self._index.get(key)
-            if index is None:
-                index = self._index[key] = torch.tensor(positions, device=device)
-            row.zero_().index_copy_(0, index, norms)
-        if loss is not None and loss.numel() == 1 and loss.is_floating_point():
-            self._losses[i].copy_(stats.gather([loss.detach().reshape(())], device)[0])
-        self._steps[i].fill_(step)  # (a kernel argument: no host-to-device copy)
-        self._judged = self._judged or self._seen + i >= self.min_history
-        self._count += 1
-        if self._count == self.window:
+        """One step's per-parameter gradient norms (float32 vector at ``positions`` of ``n_params``), and its loss.
+
+        Only kept (Python list appends): a step costs no kernel here.  Parameters without a gradient at this
+        step count as 0 there.
+        """
+        history = self._history
+        if history is None or history.device != norms.device or n_params != self._n_params:
+            self._allocate(n_params, norms.device)
+        elif self._positions is not None and positions is not self._positions and positions != self._positions:
+            self._judge()  # (rows of one window share their positions)
+        self._positions = positions
+        self._rows.append(norms)
+        self._losses.append(loss.detach() if loss is not None and loss.numel() == 1 and loss.is_floating_point()
+                            else None)
+        self._steps.append(step)
+        self._judged = self._judged or self._seen + len(self._rows) > self.min_history
+        if len(self._rows) == self.window:
             self._judge()
+
+    def _scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[k, len(positions)]`` rows -> ``[k, n_params]`` in parameter order (0 where a parameter had none)."""
+        positions = self._positions
+        if len(positions) == self._n_params and positions == list(range(self._n_params)):
+            return rows
+        key = tuple(positions)
+        index = self._index.get(key)
+        if index is None:
+            if len(self._index) >= 16:
+                self._index.clear()
+            index = self._index[key] = torch.tensor(positions, device=rows.device)
+        return rows.new_zeros((rows.shape[0], self._n_params)).index_copy_(1, index, rows)
 
     def _judge(self) -> None:
         """Score every buffered step against the ring values before it; keep the window's best; roll the ring."""
-        k, ring = self._count, self.ring_size
+        k, ring = len(self._rows), self.ring_size
         if k == 0:
             return
-        totals = torch.linalg.vector_norm(self._norms[:k], dim=1)
+        device = self._history.device
+        norms = self._scatter(torch.stack(stats.gather(self._rows, device)))
+        totals = torch.linalg.vector_norm(norms, dim=1)
         totals = torch.where(torch.isfinite(totals), totals, math.nan)  # Inf/NaN is the sentinel's: no reference
-        losses = self._losses[:k]
+        nan = torch.full((), math.nan, device=device)
+        losses = torch.stack(stats.gather([nan if x is None else x.reshape(()).to(torch.float32)
+                                           for x in self._losses], device))
         losses = torch.where(torch.isfinite(losses), losses, math.nan)
         every = torch.cat([self._history, totals])
         every_loss = torch.cat([self._loss_history, losses])
@@ -134,21 +149,27 @@ class SpikeTracker:
         z = torch.where(enough & torch.isfinite(z), z, -math.inf)
         loss_median = every_loss.unfold(0, ring, 1)[:k].nanmedian(dim=1).values
         at = z.argmax().reshape(1)
-        here = {"z": z.index_select(0, at)[0], "ratio": ratio.index_select(0, at)[0],
-                "step": self._steps[:k].index_select(0, at)[0],
+        steps, first = self._steps, self._steps[0]
+        if steps[-1] - first == k - 1:  # consecutive (the rule): the step is an offset, a kernel argument
+            step = at[0].to(torch.float64) + first
+        else:  # a step without gradients in between: the steps as a device vector (k small kernels, not a copy)
+            values = torch.empty(k, dtype=torch.float64, device=device)
+            for j, value in enumerate(steps):
+                values[j].fill_(value)
+            step = values.index_select(0, at)[0]
+        here = {"z": z.index_select(0, at)[0], "ratio": ratio.index_select(0, at)[0], "step": step,
                 "loss_ratio": (losses / loss_median).index_select(0, at)[0],
-                "norms": self._norms[:k].index_select(0, at)[0]}
+                "norms": norms.index_select(0, at)[0]}
         best = self._best
         if best is None:
-            self._best = {name: value.clone() for name, value in here.items()}
+            self._best = here
         else:
             better = here["z"] > best["z"]
             self._best = {name: torch.where(better, value, best[name]) for name, value in here.items()}
         self._history = every[-ring:].clone()
         self._loss_history = every_loss[-ring:].clone()
-        self._losses.fill_(math.nan)
         self._seen += k
-        self._count = 0
+        self._rows, self._losses, self._steps = [], [], []
 
     def add_to(self, probe: StepProbe, positions: list[int]) -> None:
         """Send this window's kept step with the logging step's transfer, and start a new window.

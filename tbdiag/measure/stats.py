@@ -284,33 +284,51 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 SAMPLE_RUN = 16
 
 
-@functools.lru_cache(maxsize=4096)
-def sample_stride(numel: int) -> int | None:
-    """Distance between the starts of the sampled runs of a flattened tensor (None: histogram all).
+#: The fractional column step between consecutive runs of a sample (the golden ratio's conjugate): the runs' columns
+#: then form a Kronecker sequence, spread over the row for any number of runs.
+_PHASE = (math.sqrt(5) - 1) / 2
 
-    A sample is ``HISTOGRAM_SAMPLE / SAMPLE_RUN`` runs of `SAMPLE_RUN`
-    consecutive elements, their starts ``0, s, 2s, ...`` spread evenly over
-    the whole tensor.  Runs of a cache line each read only the sampled lines
-    (single scattered elements would pull in every line of a tensor up to 16x
-    the sample).  ``s`` is the largest spacing that fits and, where one exists
-    at or above `SAMPLE_RUN`, shares no factor with ``numel``, hence with any
-    row length: the runs walk through every column instead of lining up with
-    some.  A strided view: one copy, no index tensor, no random numbers,
-    identical at every step.
+
+@functools.lru_cache(maxsize=4096)
+def sample_stride(numel: int, sample: int = HISTOGRAM_SAMPLE, run: int = SAMPLE_RUN,
+                  row: int | None = None) -> int | None:
+    """Distance between the starts of the sampled runs of a flattened tensor (None: read it all).
+
+    A sample is ``sample / run`` runs of ``run`` consecutive elements (by
+    default `HISTOGRAM_SAMPLE` in runs of `SAMPLE_RUN`), their starts ``0, s,
+    2s, ...`` spread evenly over the whole tensor.  Runs of whole cache lines
+    read only the sampled lines (single scattered elements would pull in every
+    line of a tensor up to 16x the sample).  A strided view: one copy, no
+    index tensor, no random numbers, identical at every step.
+
+    ``s`` also decides which columns the runs land in.  With the row length
+    ``row`` known (the tensor's last dimension), ``s`` is chosen within 1/64
+    of the largest spacing that fits so that each run starts as near a golden
+    fraction of a row to the right of the one before as that allows: the
+    columns spread over the row, for any number of runs.  (A spacing of one row plus one column
+    would put every run of a fused query-key-value weight in its query
+    columns.)  Otherwise, and as a tie-break, ``s`` shares no factor with
+    ``numel``.
     """
-    if numel <= HISTOGRAM_SAMPLE:
+    if numel <= sample:
         return None
-    runs = HISTOGRAM_SAMPLE // SAMPLE_RUN
-    widest = (numel - SAMPLE_RUN) // (runs - 1)
+    runs = sample // run
+    widest = (numel - run) // (runs - 1)
+    if row is not None and run < row < numel and widest > row:
+        target = _PHASE * row  # the column offset wanted from one run to the next
+        # within 1/64 of the widest spacing: the runs still reach the last 98% of the tensor
+        return min(range(widest - widest // 64, widest + 1),
+                   key=lambda step: (round(min(abs(step % row - target), row - abs(step % row - target))),
+                                     math.gcd(step, numel) != 1, -step))
     step = widest
-    while step > SAMPLE_RUN and math.gcd(step, numel) != 1:
+    while step > run and math.gcd(step, numel) != 1:
         step -= 1
     return step if math.gcd(step, numel) == 1 else widest
 
 
 def _sample_view(t: torch.Tensor) -> torch.Tensor:
     """The sampled elements of a tensor as a strided ``[runs, SAMPLE_RUN]`` view, or all of it, flat."""
-    step = sample_stride(t.numel())
+    step = sample_stride(t.numel(), row=t.shape[-1] if t.dim() > 1 else None)
     if step is None:
         return t.reshape(-1)
     if not t.is_contiguous():

@@ -24,9 +24,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from ..measure import stats
 from ..measure.gradient_spikes import SpikeTracker
+from ..measure.sampled_norms import SampledNorms
 from ..measure.probe import StepProbe, grad_scale, local
 
 
@@ -44,9 +45,17 @@ def _float16_autocast() -> bool:
 class SpikeWatch:
     """Feeds a `SpikeTracker` one step at a time; see the module docstring."""
 
-    def __init__(self, param_index: Callable[[], list], guard: Callable, grad_scaler: Any, at_backward: bool):
+    def __init__(self, param_index: Callable[[], list], layers: Callable[[], list], guard: Callable, grad_scaler: Any,
+                 at_backward: bool):
         self.tracker = SpikeTracker()
         self._param_index = param_index  # the recorder's (row, parameter, tag) list
+        self._layers = layers  # the watcher's rows (`tbdiag.measure.layers.Layer`)
+        self._sample = SampledNorms()
+        self._index: list | None = None  # the param_index list the three below were taken from
+        self._params: list[torch.Tensor] = []
+        self._every: list[int] = []  # all positions
+        self._sharded = False  # some parameter is a DTensor: its gradient's local shard is read
+        self._rows_whole: frozenset[int] = frozenset()  # positions read whole: embeddings' (module docstring)
         self._grad_scaler = grad_scaler
         # measure at the end of the backward (before clipping): with an optimizer, outside a distributed job; without
         # one the step itself ends with the backward
@@ -81,12 +90,31 @@ class SpikeWatch:
         self._pending = self._norms()
 
     def _norms(self) -> tuple[torch.Tensor, list[int]] | None:
+        """Every parameter's gradient norm at this step, estimated (`tbdiag.measure.sampled_norms`), and the
+        positions that had a gradient.  A few Python operations per parameter: this runs at every step."""
         index = self._param_index()
-        positions = [k for k, (_, p, _) in enumerate(index) if p.grad is not None]
-        if not positions:
-            return None
-        grads = [local(index[k][1].grad) for k in positions]
-        norms = stats.norms(grads)
+        if index is not self._index:
+            self._index, self._params = index, [p for _, p, _ in index]
+            self._every = list(range(len(index)))
+            self._sharded = any(type(p).__name__ == "DTensor" for p in self._params)
+            rows = self._layers()
+            self._rows_whole = frozenset(k for k, (row, _, _) in enumerate(index)
+                                         if row < len(rows) and isinstance(rows[row].module, nn.Embedding))
+        grads = [p.grad for p in self._params]
+        positions = self._every
+        if any(g is None for g in grads):
+            positions = [k for k, g in enumerate(grads) if g is not None]
+            if not positions:
+                return None
+            grads = [grads[k] for k in positions]
+        if self._sharded:
+            grads = [local(g) for g in grads]
+        whole = self._rows_whole if positions is self._every else \
+            frozenset(j for j, k in enumerate(positions) if k in self._rows_whole)
+        norms, order = self._sample(grads, whole)
+        # the norms' parameter positions: the sampler's order itself when every parameter has a gradient (the
+        # same list at every step, so the tracker compares nothing)
+        positions = order if positions is self._every else [positions[j] for j in order]
         unscale = grad_scale(self._grad_scaler, norms.device)
         return (norms / unscale if unscale is not None else norms), positions
 

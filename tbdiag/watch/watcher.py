@@ -173,7 +173,7 @@ class Watcher:
         self.loop = LoopWatch(self.model, optimizer, self.shield.guard)  # mistakes in the loop (tbdiag.watch.loop_watch)
         self.inputs = InputWatch(self.model)  # the batch's scale and labelled padding (tbdiag.watch.input_watch)
         # the gradient norm of every step, its worst jump kept on the device (tbdiag.watch.spike_watch)
-        self.spikes = SpikeWatch(self.recorder.param_index, self.shield.guard, grad_scaler,
+        self.spikes = SpikeWatch(self.recorder.param_index, lambda: self.layers, self.shield.guard, grad_scaler,
                                  at_backward=optimizer is not None and self.rank is None)
         # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
         self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
