@@ -64,6 +64,26 @@ def test_the_tracker_keeps_the_steepest_jump_of_the_window_and_its_norms():
     assert float(items[("model", "grad_spike_ratio")]) == pytest.approx(20.0, rel=0.05)
     assert float(items[("model", "grad_spike_loss_ratio")]) == pytest.approx(1.5)
     assert items[("spike_g_norm", "[0, 1]")].tolist() == pytest.approx([12.0, 16.0])
+    # each parameter's usual norm before the spike: the median of the same measure over the ring before step 9
+    before = sorted(values[:9])
+    assert items[("spike_g_typical", "[0, 1]")].tolist() == pytest.approx([0.6 * before[4], 0.8 * before[4]])
+
+
+def test_the_usual_norm_spans_windows_and_counts_a_missing_gradient_as_zero():
+    """The ring of per-parameter norms runs across judged windows (of 4 steps here); a step where a parameter had no
+    gradient counts 0 for it."""
+    tracker = SpikeTracker(ring=8, min_history=2, window=4)
+    for step in range(11):
+        if step == 3:
+            tracker.observe(step, torch.tensor([2.0]), [1], 2)
+        else:
+            tracker.observe(step, torch.tensor([1.0, 2.0]) * (10.0 if step == 10 else 1.0), [0, 1], 2)
+    probe = StepProbe(10, ProbeOptions())
+    tracker.add_to(probe, [0, 1])
+    items = {(kind, str(key)): t for (kind, key), t in zip(probe.layout, probe.parts)}
+    assert float(items[("model", "grad_spike_step")]) + probe.model_offsets["grad_spike_step"] == 10
+    assert items[("spike_g_typical", "[0, 1]")].tolist() == pytest.approx([1.0, 2.0])  # steps 2..9: one 0 of 8
+    assert items[("spike_g_norm", "[0, 1]")].tolist() == pytest.approx([10.0, 20.0])
 
 
 def test_the_first_steps_are_not_judged():

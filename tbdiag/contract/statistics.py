@@ -109,6 +109,10 @@ STATISTICS: tuple[Statistic, ...] = (
               "its elements (tbdiag.measure.sampled_norms: within 50% per layer, 12% for the global norm); NaN "
               "before the tracker has history",
               "gradient norm at the spike step", "spike grad", "log", "with_finding"),
+    Statistic("spike_grad_typical", "the layer's usual gradient norm before that step: the median over the last 128 "
+              "steps of the same measure as spike_grad_norm, so that the two compare like with like (sampled "
+              "alike on a CPU); NaN before the tracker has history",
+              "usual gradient norm before the spike", "usual grad", "log", "with_finding"),
     Statistic("expert_top_share", "share of the tokens a mixture-of-experts router sends to its busiest expert "
               "(among each token's top-k choices): top_k / num_experts when balanced, 1 when every token picks it "
               "(OLMo-core's load imbalance, max / mean load, is this x num_experts / top_k); NaN for layers that "

@@ -14,7 +14,9 @@ which keeps, without any host read:
   itself and the early transient barely move the reference), its z-score, its
   ratio to the median, its step, the loss at that step when the model's
   output carries one (Hugging Face ``.loss``), and every parameter's gradient
-  norm at that step, so the layers that carried the jump can be named.
+  norm at that step and its median over the ring before it (the same
+  measure: sampled alike on a CPU), so the layers that carried the jump can
+  be named.
 
 A step only hands over its norms, its loss and its step number, kept in
 Python lists (no kernel: the per-step cost is the norm itself).  The judging
@@ -75,6 +77,7 @@ class SpikeTracker:
         self.window = WINDOW if window is None else window
         self._history: torch.Tensor | None = None  # [ring] global norms before the buffered steps, oldest first
         self._loss_history: torch.Tensor | None = None
+        self._param_history: torch.Tensor | None = None  # [ring, parameters] the same steps' per-parameter norms
         self._n_params = 0
         # the buffered steps, as handed over (no device work per step): norms, their parameter positions, loss
         self._rows: list[torch.Tensor] = []
@@ -89,6 +92,7 @@ class SpikeTracker:
     def _allocate(self, n_params: int, device: torch.device) -> None:
         self._history = torch.full((self.ring_size,), math.nan, device=device)
         self._loss_history = torch.full((self.ring_size,), math.nan, device=device)
+        self._param_history = torch.full((self.ring_size, n_params), math.nan, device=device)
         self._n_params = n_params
         self._index.clear()
         self._rows, self._losses, self._steps, self._positions = [], [], [], None
@@ -143,6 +147,7 @@ class SpikeTracker:
         losses = torch.where(torch.isfinite(losses), losses, math.nan)
         every = torch.cat([self._history, totals])
         every_loss = torch.cat([self._loss_history, losses])
+        every_params = torch.cat([self._param_history, norms])
         before = every.unfold(0, ring, 1)[:k]  # row j: the ring values just before buffered step j
         z, ratio = robust_jump(before, totals, dim=1)
         enough = (~torch.isnan(before)).sum(dim=1) >= self.min_history
@@ -157,9 +162,12 @@ class SpikeTracker:
             for j, value in enumerate(steps):
                 values[j].fill_(value)
             step = values.index_select(0, at)[0]
+        # each parameter's usual norm before the kept step: the median of its ring rows (like with like)
+        rows = torch.arange(ring, device=device) + at
+        typical = every_params.index_select(0, rows).nanmedian(dim=0).values
         here = {"z": z.index_select(0, at)[0], "ratio": ratio.index_select(0, at)[0], "step": step,
                 "loss_ratio": (losses / loss_median).index_select(0, at)[0],
-                "norms": norms.index_select(0, at)[0]}
+                "norms": norms.index_select(0, at)[0], "typical": typical}
         best = self._best
         if best is None:
             self._best = here
@@ -168,6 +176,7 @@ class SpikeTracker:
             self._best = {name: torch.where(better, value, best[name]) for name, value in here.items()}
         self._history = every[-ring:].clone()
         self._loss_history = every_loss[-ring:].clone()
+        self._param_history = every_params[-ring:].clone()
         self._seen += k
         self._rows, self._losses, self._steps = [], [], []
 
@@ -187,6 +196,7 @@ class SpikeTracker:
         probe.add_model("grad_spike_step", best["step"] - probe.step, offset=float(probe.step))
         probe.add_model("grad_spike_loss_ratio", best["loss_ratio"])
         probe.add("spike_g_norm", positions, best["norms"])
+        probe.add("spike_g_typical", positions, best["typical"])
 
 
 __all__ = ["SpikeTracker", "robust_jump", "RING", "MIN_HISTORY", "WINDOW"]

@@ -6,8 +6,10 @@ global gradient norm stood furthest above the last 128 steps
 (``spike_grad_norm``).  A window whose jump passes both the z-score and the
 ratio is a spike; spikes in consecutive windows are one finding (a run that
 jumps and stays up for a while).  The layers that carried it are those whose
-squared gradient norm grew most over their own logged median before the
-spike, until they hold most of the jump; the finding sits on the first.
+squared gradient norm grew most over their own median before the spike
+(``spike_grad_typical``, the tracker's, measured as the spike's norms are;
+the logged gradient norms' in older logs), until they hold most of the jump;
+the finding sits on the first.
 Pure numpy, torch-free.
 """
 
@@ -114,6 +116,7 @@ def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
     if run.stats.size == 0:
         return []
     spike_norms, grad_norms = run.column("spike_grad_norm"), run.column("grad_norm")
+    usual = run.column("spike_grad_typical")
     steps = run.steps
     z = _series(run, "grad_spike_z", steps)
     ratio = _series(run, "grad_spike_ratio", steps)
@@ -150,12 +153,15 @@ def gradient_spike(run: RunData, rule: Rule) -> list[Finding]:
             end += 1
         worst = t + int(np.argmax(np.where(hit[t:end + 1], ratio[t:end + 1], -np.inf)))
         first = int(at[t])
-        # each layer's usual gradient norm: its median at the logging steps before the first spike
-        before = steps < first
-        history = grad_norms[before] if before.any() else grad_norms[~hit]
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # 'All-NaN slice': a layer never logged before it
-            typical = np.nanmedian(history, axis=0) if history.size else np.full(len(names), np.nan)
+        # each layer's usual gradient norm: the tracker's own median before the spike (the same measure), or, in
+        # logs written before it kept one, the median of its logged norms at the logging steps before the first spike
+        typical = usual[worst] if usual.size and np.isfinite(usual[worst]).any() else None
+        if typical is None:
+            before = steps < first
+            history = grad_norms[before] if before.any() else grad_norms[~hit]
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # 'All-NaN slice': a layer never logged before it
+                typical = np.nanmedian(history, axis=0) if history.size else np.full(len(names), np.nan)
         carried = carriers(spike_norms[worst], typical)
         where = ", ".join(f"{names[row]} (x{growth:.3g})" if math.isfinite(growth) else names[row]
                           for row, growth in carried)

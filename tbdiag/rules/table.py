@@ -560,7 +560,7 @@ RULES: tuple[Rule, ...] = (
                "(clip_grad_norm_ at ~1.0) or skip steps whose norm jumps (ZClip, SPAM); lower the learning rate "
                "or lengthen the warm-up; for spikes in normalisation layers, weight decay on their gains or QK "
                "normalisation.",
-        word="grad spike", reads=("spike_grad_norm", "grad_norm"),
+        word="grad spike", reads=("spike_grad_norm", "spike_grad_typical", "grad_norm"),
     ),
     Rule(
         name="massive_activations",

@@ -155,7 +155,8 @@ class Assembler:
         n, n_params = len(layer_names), len(params.tags)
         health = np.full((n, len(schema.COLUMNS)), np.nan, dtype=np.float32)
         record = StepRecord(step, health)
-        norms = {kind: np.full(n_params, np.nan) for kind in ("w_norm", "g_norm", "u_norm", "spike_g_norm")}
+        norms = {kind: np.full(n_params, np.nan) for kind in ("w_norm", "g_norm", "u_norm", "spike_g_norm",
+                                                                    "spike_g_typical")}
         for (kind, key), value in items:
             if kind in norms:
                 norms[kind][slice(None) if key is None else key] = value
@@ -244,9 +245,10 @@ class Assembler:
         ch = per_layer(changed, has_g) / np.maximum(n_grads, 1.0)  # NaN where a comparison is missing
         done = got & np.isfinite(ch)
         health[done, col["changed"]] = ch[done]
-        spike = norms["spike_g_norm"]
-        if np.isfinite(spike).any():  # the layers' share of the window's largest gradient jump
-            health[got, col["spike_grad_norm"]] = np.sqrt(per_layer(np.nan_to_num(spike) ** 2))[got]
+        for kind, column in (("spike_g_norm", "spike_grad_norm"), ("spike_g_typical", "spike_grad_typical")):
+            spike = norms[kind]  # the layers' share of the window's largest gradient jump, and their usual share
+            if np.isfinite(spike).any():
+                health[got, col[column]] = np.sqrt(per_layer(np.nan_to_num(spike) ** 2))[got]
         upd = np.isfinite(u_norm)
         if upd.any():
             has_u = per_layer(upd.astype(np.float64)) > 0
