@@ -27,6 +27,7 @@ Configurations
     tbdiag     DiagnosticWriter.watch(model, optimizer, log_every=N), default content (health
                statistics every N steps, histograms every 10 N)
     tbdiag+h   the same with histograms_every=N: histograms as often as the peers log them
+    tbdiag-s   the default content with gradient_spikes=False: no gradient read between logging steps
 
 Workloads (one thread, batch 64, synthetic data)
     cnn        the seed articles' CIFAR classifier CNN ("Training a Classifier":
@@ -464,6 +465,18 @@ class TbdiagEveryHistogram(TbdiagWatch):
                                         histograms_every=self.log_every)
 
 
+class TbdiagNoSpikes(TbdiagWatch):
+    """tbdiag without the per-step gradient norms of gradient_spike: what the rest costs."""
+
+    label = "tbdiag-s"
+
+    def setup(self) -> None:
+        from tbdiag import DiagnosticWriter
+
+        self.writer = DiagnosticWriter(self.logdir)
+        self.handle = self.writer.watch(self.model, self.opt, log_every=self.log_every, gradient_spikes=False)
+
+
 PEERS = {"tb": None, "tbX": "tensorboardX", "wandb": "wandb"}
 
 
@@ -472,7 +485,7 @@ def available_configs(only: list[str] | None) -> tuple[list[type[Config]], list[
 
     notes = []
     configs: list[type[Config]] = [Baseline, AA]
-    for cls in (SeedLoop, SeedLoopX, WandbWatch, TbdiagWatch, TbdiagEveryHistogram):
+    for cls in (SeedLoop, SeedLoopX, WandbWatch, TbdiagWatch, TbdiagEveryHistogram, TbdiagNoSpikes):
         if only and cls.label not in only:
             continue
         module = PEERS.get(cls.label)

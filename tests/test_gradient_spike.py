@@ -117,9 +117,9 @@ def test_the_logged_loss_tells_damage_from_a_plateau_escape():
 class Net(nn.Module):
     """An MLP, plus a linear ``side`` read of the raw input added to its logits."""
 
-    def __init__(self):
+    def __init__(self, width: int = 64):
         super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(20, 64), nn.Linear(64, 64), nn.Linear(64, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(20, width), nn.Linear(width, width), nn.Linear(width, 5)
         self.side = nn.Linear(20, 5)
 
     def forward(self, x):
@@ -127,14 +127,15 @@ class Net(nn.Module):
 
 
 def train(logdir: str, bad: str | None = None, clip: float | None = None, optimizer: bool = True,
-          log_loss_every: int = 1, steps: int = 100) -> list:
+          log_loss_every: int = 1, steps: int = 100, width: int = 64, spikes: bool = True) -> list:
     """A small classifier (Adam); ``bad``: at step `BAD_AT` the batch's inputs are x100 (``"inputs"``), or only
-    the ``side`` layer's input is (``"side"``); the twin has no bad batch."""
+    the ``side`` layer's input is (``"side"``); the twin has no bad batch.  ``width`` 256 makes gradients large
+    enough to be read on a sample at every step (`tbdiag.measure.sampled_norms`)."""
     torch.manual_seed(0)
-    model = Net()
+    model = Net(width)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     writer = DiagnosticWriter(logdir)
-    writer.watch(model, opt if optimizer else None, log_every=10)
+    writer.watch(model, opt if optimizer else None, log_every=10, gradient_spikes=spikes)
     g = torch.Generator().manual_seed(1)
     x_all = torch.randn(2000, 20, generator=g)
     y_all = x_all[:, :5].argmax(1)
@@ -165,6 +166,26 @@ def test_a_bad_batch_between_logging_steps_is_named_at_its_step(tmp_path, clip):
     assert f.value > 20 and f"step {BAD_AT}" in f.message
     assert f.layer in ("fc1", "fc2", "fc3", "side")
     assert train(str(tmp_path / "twin"), clip=clip) == []
+
+
+def test_gradients_read_on_a_sample_still_name_the_bad_batch(tmp_path):
+    """At width 256 the hidden layer's gradient (65,536 elements) is read on its 4,096-element sample at every
+    step: the bad batch is still named at its step, and the twin stays silent."""
+    (f,) = train(str(tmp_path / "sick"), bad="inputs", width=256)
+    assert (f.first_step, f.last_step) == (BAD_AT, BAD_AT) and f.value > 20
+    assert train(str(tmp_path / "twin"), width=256) == []
+
+
+def test_without_the_per_step_tracker_nothing_is_read_between_logging_steps(tmp_path):
+    """``gradient_spikes=False``: no spike statistics and no finding (the bad batch is not seen); the health
+    statistics of the logging steps are there."""
+    from tbdiag.read.reader import load_logdir
+
+    assert train(str(tmp_path / "off"), bad="inputs", spikes=False) == []
+    (run,) = load_logdir(str(tmp_path / "off"))
+    assert run.steps.size == 10 and np.isfinite(run.column("grad_norm")).any()  # the rest is logged
+    assert not np.isfinite(run.column("spike_grad_norm")).any()
+    assert run.model_series("grad_spike_z")[0].size == 0
 
 
 def test_the_layer_that_carried_it_is_named(tmp_path):

@@ -110,7 +110,7 @@ class Watcher:
     def __init__(self, writer: "DiagnosticWriter", model: nn.Module, optimizer: Any = None, log_every: int = 100, *,
                  log_graph: bool = True, example_input: Any = None, histograms: bool = True,
                  activation_histograms: bool = True, histograms_every: int | None = None,
-                 images_every: int | None = None, max_image_layers: int = 8,
+                 images_every: int | None = None, gradient_spikes: bool = True, max_image_layers: int = 8,
                  max_image_channels: int = 16, loss_tags: Sequence[str] | None = None, grad_scaler: Any = None,
                  scalars: bool = True, on_finding: Any = None, stop_on: Any = ()):
         if not isinstance(model, nn.Module):
@@ -130,6 +130,7 @@ class Watcher:
         self.log_graph = log_graph and writes
         self.images_every = (HISTOGRAMS_EVERY * log_every if images_every is None else images_every) if writes else 0
         self.histograms_every = HISTOGRAMS_EVERY * log_every if histograms_every is None else histograms_every
+        self.gradient_spikes = bool(gradient_spikes)
         self.options = ProbeOptions(param_histograms=histograms and writes,
                                     activation_histograms=histograms and activation_histograms and writes,
                                     max_image_layers=max_image_layers, max_image_channels=max_image_channels)
@@ -174,7 +175,8 @@ class Watcher:
         self.inputs = InputWatch(self.model)  # the batch's scale and labelled padding (tbdiag.watch.input_watch)
         # the gradient norm of every step, its worst jump kept on the device (tbdiag.watch.spike_watch)
         self.spikes = SpikeWatch(self.recorder.param_index, lambda: self.layers, self.shield.guard, grad_scaler,
-                                 at_backward=optimizer is not None and self.rank is None)
+                                 at_backward=optimizer is not None and self.rank is None) \
+            if self.gradient_spikes else None
         # live alerts (tbdiag.watch.live) and NaN/Inf at the exact step (tbdiag.watch.sentinel)
         self.live = live.LiveMonitor(writer.log_dir, on_finding, stop_on, loss_tags, before_raise=writer.flush) \
             if on_finding is not None or stop_on else None
@@ -348,7 +350,7 @@ class Watcher:
         if self._probe is not None and not self.recorder.table_written:
             self.recorder.output_width = run_facts.output_width(output)
         training = self._is_training_forward()
-        if training:
+        if training and self.spikes is not None:
             self.spikes.on_output(output, _grad_tensor(output))
         if self.optimizer is None and training:
             out = _grad_tensor(output)
@@ -418,7 +420,8 @@ class Watcher:
 
     def _end_step(self, update: bool) -> None:
         self.timer.step_ends()
-        self.spikes.on_step(self.step)
+        if self.spikes is not None:
+            self.spikes.on_step(self.step)
         probe = self._sentinel_probe(self._probe)
         if update:
             self.loop.on_optimizer_step()
@@ -428,7 +431,8 @@ class Watcher:
             try:
                 self.loop.report(probe)
                 self.recorder.collect(probe, update)
-                self.spikes.add_to(probe)
+                if self.spikes is not None:
+                    self.spikes.add_to(probe)
                 self.recorder.finish(probe, after_sync=self.timer.flush)
             finally:
                 self._busy.value = False
