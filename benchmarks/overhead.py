@@ -807,7 +807,7 @@ def _crc_status() -> str:
     return f"tbdiag record writer: {records.describe()}"
 
 
-def pin_to_one_core(cpu: int, argv: list[str] | None) -> None:
+def pin_to_one_core(cpu: int, argv: list[str] | None, script: str | None = None) -> None:
     """Run this benchmark on one CPU, from its first instruction: re-executes itself pinned.
 
     Pinning after start-up would leave threads that already exist (and their caches) elsewhere; an
@@ -820,7 +820,8 @@ def pin_to_one_core(cpu: int, argv: list[str] | None) -> None:
     if allowed == [target]:
         return
     os.sched_setaffinity(0, {target})
-    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)])
+    script = os.path.abspath(__file__) if script is None else script
+    os.execv(sys.executable, [sys.executable, script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> int:

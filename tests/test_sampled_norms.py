@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tbdiag.measure import stats
-from tbdiag.measure.sampled_norms import GLOBAL_NORM_ERROR, LAYER_NORM_ERROR, SAMPLE, SampledNorms
+from tbdiag.measure.sampled_norms import GLOBAL_NORM_ERROR, LAYER_NORM_ERROR, SAMPLE, SAMPLE_FROM, SampledNorms
 
 
 def _mlp() -> nn.Module:
@@ -73,7 +73,7 @@ def test_sampled_norms_are_within_the_documented_error_on_real_gradients(name, m
         exact = torch.stack([g.norm() for g in grads])[order]
         worst_global = max(worst_global, abs(float(norms.norm() / exact.norm()) - 1))
         for j, i in enumerate(order):
-            if grads[i].numel() <= SAMPLE or i in whole:
+            if grads[i].numel() < SAMPLE_FROM or i in whole:
                 assert float(norms[j]) == pytest.approx(float(exact[j]), rel=1e-5)  # read whole: exact
             elif grads[i].dim() >= 2:
                 sampled += 1
@@ -100,9 +100,9 @@ def test_the_plan_follows_the_gradients_layout():
     """Norms come back in the plan's order, the order list is reused while the layout holds, and a change of
     sizes, dtype or contiguity makes a new plan instead of reading through stale views."""
     sampler = SampledNorms()
-    grads = [torch.randn(300, 300), torch.randn(300), torch.randn(200, 400)]
+    grads = [torch.randn(300, 300), torch.randn(300), torch.randn(200, 400), torch.randn(100, 100)]
     norms, order = sampler(grads)
-    assert order == [0, 2, 1]  # the sampled ones first, then those read whole
+    assert order == [0, 2, 1, 3]  # the sampled ones first, then those read whole (under SAMPLE_FROM elements)
     assert sampler(grads)[1] is order
     grads[2] = torch.randn(400, 200).t()  # the same size, no longer contiguous: read whole, exactly
     norms, order = sampler(grads)
@@ -110,5 +110,5 @@ def test_the_plan_follows_the_gradients_layout():
     assert float(norms[order.index(2)]) == pytest.approx(float(exact[2]), rel=1e-5)
     half = [g.to(torch.bfloat16) for g in grads]
     norms, order = sampler(half)
-    assert norms.dtype == torch.float32 and len(norms) == 3
+    assert norms.dtype == torch.float32 and len(norms) == 4
     assert sampler([])[0].numel() == 0

@@ -50,7 +50,7 @@ class SpikeWatch:
         self.tracker = SpikeTracker()
         self._param_index = param_index  # the recorder's (row, parameter, tag) list
         self._layers = layers  # the watcher's rows (`tbdiag.measure.layers.Layer`)
-        self._sample = SampledNorms()
+        self.norms = SampledNorms()  # how every step's gradient norms are read
         self._index: list | None = None  # the param_index list the three below were taken from
         self._params: list[torch.Tensor] = []
         self._every: list[int] = []  # all positions
@@ -111,7 +111,7 @@ class SpikeWatch:
             grads = [local(g) for g in grads]
         whole = self._rows_whole if positions is self._every else \
             frozenset(j for j, k in enumerate(positions) if k in self._rows_whole)
-        norms, order = self._sample(grads, whole)
+        norms, order = self.norms(grads, whole)
         # the norms' parameter positions: the sampler's order itself when every parameter has a gradient (the
         # same list at every step, so the tracker compares nothing)
         positions = order if positions is self._every else [positions[j] for j in order]
