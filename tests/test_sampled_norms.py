@@ -112,3 +112,11 @@ def test_the_plan_follows_the_gradients_layout():
     norms, order = sampler(half)
     assert norms.dtype == torch.float32 and len(norms) == 4
     assert sampler([])[0].numel() == 0
+
+
+def test_exact_reading_keeps_the_gradients_order():
+    """``sample_on_cpu=False`` (what an accelerator always gets): exact norms, in the gradients' own order."""
+    grads = [torch.randn(300, 300), torch.randn(300), torch.randn(400, 200)]
+    norms, order = SampledNorms(sample_on_cpu=False)(grads)
+    assert order == [0, 1, 2]
+    assert norms.tolist() == pytest.approx([float(g.norm()) for g in grads], rel=1e-5)

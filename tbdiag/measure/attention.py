@@ -22,7 +22,6 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -55,7 +55,7 @@ class SpikeWatch:
         self._params: list[torch.Tensor] = []
         self._every: list[int] = []  # all positions
         self._sharded = False  # some parameter is a DTensor: its gradient's local shard is read
-        self._rows_whole: frozenset[int] = frozenset()  # positions read whole: embeddings' (module docstring)
+        self._rows_whole: frozenset[int] = frozenset()  # embeddings: read whole (`SampledNorms`)
         self._grad_scaler = grad_scaler
         # measure at the end of the backward (before clipping): with an optimizer, outside a distributed job; without
         # one the step itself ends with the backward
@@ -90,7 +90,7 @@ class SpikeWatch:
         self._pending = self._norms()
 
     def _norms(self) -> tuple[torch.Tensor, list[int]] | None:
-        """Every parameter's gradient norm at this step, estimated (`tbdiag.measure.sampled_norms`), and the
+        """Every parameter's gradient norm at this step (`tbdiag.measure.sampled_norms`: sampled on a CPU), and the
         positions that had a gradient.  A few Python operations per parameter: this runs at every step."""
         index = self._param_index()
         if index is not self._index:
