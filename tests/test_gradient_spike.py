@@ -292,3 +292,24 @@ def test_a_fault_in_the_tracker_never_reaches_the_training(tmp_path, monkeypatch
         finals.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*finals))
 
+
+
+def test_a_torch_autograd_grad_call_reads_no_gradients(tmp_path, monkeypatch):
+    """``torch.autograd.grad`` writes no ``.grad``: the ``.grad`` there are another backward's (another thread's,
+    being written or freed meanwhile), so the end of such a backward reads none; a ``.backward()`` does."""
+    from tbdiag.watch import spike_watch
+
+    reads = []
+    real = spike_watch.SpikeWatch._norms
+    monkeypatch.setattr(spike_watch.SpikeWatch, "_norms", lambda self: reads.append(1) or real(self))
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = DiagnosticWriter(str(tmp_path))
+    writer.watch(model, opt, log_every=10)
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+    torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    assert reads == []
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert reads == [1]
+    writer.close()

@@ -80,10 +80,24 @@ class SpikeWatch:
             grad_tensor.register_hook(self._hook)
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
-        if not self._queued:
+        if not self._queued and self._writes_grads():
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._callback)
         return None
+
+    def _writes_grads(self) -> bool:
+        """Whether the running backward accumulates into ``.grad``: not a ``torch.autograd.grad()``, which
+        writes none, so that the ``.grad`` there belong to another backward (another thread's, being written
+        or freed meanwhile: reading them crashed a two-thread test)."""
+        params = self._params or [p for _, p, _ in self._param_index()]
+        param = next((p for p in params if p.requires_grad), None)
+        if param is None:
+            return True
+        try:
+            torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(param).node)
+        except RuntimeError:  # "currently running autograd.grad()": the engine says so for a leaf's accumulator
+            return False
+        return True
 
     def _after_backward(self) -> None:
         self._queued = False
