@@ -14,13 +14,12 @@ at every step.
   columns), and its norm scaled to the whole tensor (``sqrt(numel /
   SAMPLE)``): one strided view per tensor, one ``stack`` and one reduction.
   Smaller gradients are read whole in one fused call (only that, when none
-  is large enough).  Measured in a
-  26-layer MLP's training loop (52 tensors, 2.4M parameters, 13 ms steps,
-  one core), against plain steps: the watched steps between logging steps
-  cost 0.72-0.79 ms more with exact norms, 0.50-0.58 ms with these (four
-  runs; the A/A within 0.09 ms).  A
-  sample of 1,024 in runs of 64 cost 0.2 ms less again, but its layer
-  estimates were off by up to 87% (Llama) and its global norm by 23% (a CNN).
+  is large enough).  In a 26-layer MLP's training loop (52 tensors, 2.4M
+  parameters, 14 ms steps, one core; ``benchmarks/spike_norms.py``) the steps
+  between logging steps cost 0.29 ms more than plain ones this way, 0.68 ms
+  with every gradient read exactly, 0.14 ms with no read at all.  A sample of
+  1,024 in runs of 64 cost 0.2 ms less again, but its layer estimates were off
+  by up to 87% (Llama) and its global norm by 23% (a CNN).
 
 Why an estimate is enough there: a spike is judged against the same estimate
 at the previous 128 steps (a ratio of like to like, whose sampling noise only
@@ -49,8 +48,9 @@ SAMPLE = stats.HISTOGRAM_SAMPLE
 RUN = stats.SAMPLE_RUN
 #: ... from gradients of at least this many elements.  A strided view and its share of the stacking cost a few
 #: microseconds per tensor in a training loop; reading a gradient of 64K float32 elements whole costs about as
-#: much.  Below it a sample saves nothing: a ResNet-20's 65 gradients (0.27M parameters, the largest 37K) cost
-#: 0.18 ms a step read exactly and 0.75 ms sampled (`benchmarks/spike_norms.py`).
+#: much.  Below it a sample saves nothing: with a ResNet-20's 65 gradients (0.27M parameters, the largest 37K) the
+#: steps between logging steps cost 0.18 ms more than plain ones read exactly, 0.75 ms sampled
+#: (`benchmarks/spike_norms.py`).
 SAMPLE_FROM = 16 * SAMPLE
 
 #: Largest relative error of the sampled global gradient norm (every parameter) against the exact one, asserted by
